@@ -1,0 +1,428 @@
+/*
+ * Module loading (dlopen in the config's order) and the registries modules
+ * fill: hooks with priorities, IQ handlers by type and namespace, stream
+ * features, stream-level element handlers, disco features and identities.
+ */
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+
+typedef struct iq_entry {
+    char key[512];
+    xd_module *owner;
+    xd_iq_fn fn;
+    void *data;
+} iq_entry;
+
+typedef struct element_entry {
+    char *ns;
+    xd_module *owner;
+    xd_element_fn fn;
+    void *data;
+} element_entry;
+
+typedef struct feature_entry {
+    xd_module *owner;
+    xd_stream_type type;
+    xd_features_fn fn;
+    void *data;
+} feature_entry;
+
+typedef struct disco_entry {
+    xd_module *owner;
+    char *a, *b, *c; /* feature: a only; identity: category, type, name */
+} disco_entry;
+
+struct xd_timer {
+    ev_timer w;
+    xd_module *owner;
+    xd_timer_fn fn;
+    void *data;
+};
+
+/* Registries live as long as the server; they belong to the server object
+ * but are private to this file. */
+static struct {
+    feature_entry features[XD_MAX_MODULES * 4];
+    int nfeatures;
+    disco_entry disco[XD_MAX_MODULES * 8];
+    int ndisco;
+    iq_entry *iqs[XD_MAX_MODULES * 16];
+    int niqs;
+    element_entry elements[XD_MAX_MODULES * 4];
+    int nelements;
+} reg;
+
+/* ---- loading ------------------------------------------------------------ */
+
+static int
+load_one(const char *name, int line)
+{
+    char path[PATH_MAX], sym[128];
+    const xd_module_desc *desc;
+    xd_module *m;
+    void *dl;
+
+    if (xd_srv.nmodules >= XD_MAX_MODULES) {
+        fprintf(stderr, "%s:%d: too many modules (at most %d)\n", xd_srv.conf.path, line,
+                XD_MAX_MODULES);
+        return -1;
+    }
+    snprintf(path, sizeof(path), "%s/mod_%s.so", xd_srv.conf.module_dir, name);
+    dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!dl) {
+        fprintf(stderr, "%s:%d: module '%s': cannot load %s: %s\n", xd_srv.conf.path, line, name,
+                path, dlerror());
+        return -1;
+    }
+    snprintf(sym, sizeof(sym), XD_MODULE_SYMBOL_PREFIX "%s", name);
+    desc = dlsym(dl, sym);
+    if (!desc) {
+        fprintf(stderr, "%s:%d: module '%s': %s has no descriptor '%s'\n", xd_srv.conf.path, line,
+                name, path, sym);
+        dlclose(dl);
+        return -1;
+    }
+    if (desc->abi != XD_MODULE_ABI) {
+        fprintf(stderr, "%s:%d: module '%s' was built for module ABI %u, this server has ABI %u\n",
+                xd_srv.conf.path, line, name, desc->abi, XD_MODULE_ABI);
+        dlclose(dl);
+        return -1;
+    }
+    if (!desc->name || strcmp(desc->name, name) != 0) {
+        fprintf(stderr, "%s:%d: module '%s': descriptor names itself '%s'\n", xd_srv.conf.path,
+                line, name, desc->name ? desc->name : "(null)");
+        dlclose(dl);
+        return -1;
+    }
+    m = calloc(1, sizeof(*m));
+    if (!m) {
+        dlclose(dl);
+        return -1;
+    }
+    m->desc = desc;
+    m->dl = dl;
+    m->list_line = line;
+    m->index = xd_srv.nmodules;
+    xd_srv.modules[xd_srv.nmodules++] = m;
+    return 0;
+}
+
+/* Load every listed module, check its settings, then call each load(). */
+int
+xd_modules_load(void)
+{
+    config_setting_t *list = xd_srv.conf.modules;
+    int n = list ? config_setting_length(list) : 0;
+
+    for (int i = 0; i < n; i++) {
+        config_setting_t *e = config_setting_get_elem(list, i);
+        if (load_one(config_setting_get_string(e), config_setting_source_line(e)))
+            return -1;
+    }
+    if (xd_config_check_modules(&xd_srv.conf))
+        return -1;
+    for (int i = 0; i < xd_srv.nmodules; i++) {
+        xd_module *m = xd_srv.modules[i];
+        if (m->desc->load && m->desc->load(m) != 0) {
+            fprintf(stderr, "%s:%d: module '%s' refused to load (see above)\n", xd_srv.conf.path,
+                    m->list_line, m->desc->name);
+            return -1;
+        }
+        xd_debug("module '%s' loaded", m->desc->name);
+    }
+    return 0;
+}
+
+void
+xd_modules_unload(void)
+{
+    for (int i = xd_srv.nmodules - 1; i >= 0; i--) {
+        xd_module *m = xd_srv.modules[i];
+        if (m->desc->unload)
+            m->desc->unload(m);
+    }
+    for (int i = 0; i < XD_HOOK_COUNT; i++) {
+        free(xd_srv.hooks[i].v);
+        memset(&xd_srv.hooks[i], 0, sizeof(xd_srv.hooks[i]));
+    }
+    for (int i = 0; i < reg.niqs; i++)
+        free(reg.iqs[i]);
+    for (int i = 0; i < reg.nelements; i++)
+        free(reg.elements[i].ns);
+    for (int i = 0; i < reg.ndisco; i++) {
+        free(reg.disco[i].a);
+        free(reg.disco[i].b);
+        free(reg.disco[i].c);
+    }
+    memset(&reg, 0, sizeof(reg));
+    for (int i = 0; i < xd_srv.nmodules; i++) {
+        /* Leave the code mapped: stanzas and timers may still point at it
+         * during the last moments of shutdown; the process exits next. */
+        free(xd_srv.modules[i]);
+    }
+    xd_srv.nmodules = 0;
+}
+
+const char *
+xd_module_name(const xd_module *m)
+{
+    return m->desc->name;
+}
+
+void *
+xd_module_get_data(const xd_module *m)
+{
+    return m->data;
+}
+
+void
+xd_module_set_data(xd_module *m, void *data)
+{
+    m->data = data;
+}
+
+/* ---- hooks -------------------------------------------------------------- */
+
+int
+xd_hook(xd_module *m, xd_hook_id id, xd_hook_fn fn, void *data, int priority)
+{
+    xd_hook_list *l;
+    int i;
+
+    if ((unsigned)id >= XD_HOOK_COUNT || !fn)
+        return -1;
+    l = &xd_srv.hooks[id];
+    if (l->n == l->cap) {
+        int cap = l->cap ? l->cap * 2 : 8;
+        xd_hook_entry *v = realloc(l->v, cap * sizeof(*v));
+        if (!v)
+            return -1;
+        l->v = v;
+        l->cap = cap;
+    }
+    /* Keep the list sorted by priority, highest first; equal priorities run
+     * in registration (= module list) order. */
+    for (i = l->n; i > 0 && l->v[i - 1].priority < priority; i--)
+        l->v[i] = l->v[i - 1];
+    l->v[i] = (xd_hook_entry){m, fn, data, priority};
+    l->n++;
+    return 0;
+}
+
+int
+xd_hooks_run(xd_hook_id id, xd_event *ev)
+{
+    xd_hook_list *l = &xd_srv.hooks[id];
+    for (int i = 0; i < l->n; i++) {
+        int r = l->v[i].fn(ev, l->v[i].data);
+        if (r != XD_PASS)
+            return r;
+    }
+    return XD_PASS;
+}
+
+/* ---- IQ handlers ---------------------------------------------------------- */
+
+static int
+iq_key(char *buf, size_t len, xd_iq_scope scope, const char *type, const char *ns)
+{
+    int n = snprintf(buf, len, "%d %s %s", (int)scope, type, ns);
+    return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+int
+xd_iq_register(xd_module *m, xd_iq_scope scope, const char *type, const char *ns, xd_iq_fn fn,
+               void *data)
+{
+    iq_entry *e;
+    if (reg.niqs >= (int)(sizeof(reg.iqs) / sizeof(reg.iqs[0])) || !fn || !type || !ns ||
+        (strcmp(type, "get") && strcmp(type, "set")))
+        return -1;
+    if (!(e = calloc(1, sizeof(*e))))
+        return -1;
+    if (iq_key(e->key, sizeof(e->key), scope, type, ns) ||
+        xd_hashtab_get(xd_srv.iq_handlers, e->key)) {
+        xd_error("module '%s': an IQ handler for %s %s is already registered", m->desc->name,
+                 type, ns);
+        free(e);
+        return -1;
+    }
+    e->owner = m;
+    e->fn = fn;
+    e->data = data;
+    reg.iqs[reg.niqs++] = e;
+    return xd_hashtab_put(xd_srv.iq_handlers, e->key, e);
+}
+
+/* Returns XD_PASS when no handler exists; the caller answers the error. */
+int
+xd_iq_dispatch(xd_iq_scope scope, xd_event *ev)
+{
+    xmpp_stanza_t *payload = xmpp_stanza_get_children(ev->stanza);
+    const char *type = xmpp_stanza_get_type(ev->stanza);
+    char key[512];
+    iq_entry *e;
+
+    while (payload && !xmpp_stanza_is_tag(payload))
+        payload = xmpp_stanza_get_next(payload);
+    if (!payload || !type || !xmpp_stanza_get_ns(payload))
+        return XD_PASS;
+    if (iq_key(key, sizeof(key), scope, type, xmpp_stanza_get_ns(payload)))
+        return XD_PASS;
+    e = xd_hashtab_get(xd_srv.iq_handlers, key);
+    return e ? e->fn(ev, e->data) : XD_PASS;
+}
+
+/* ---- stream features and elements ---------------------------------------- */
+
+int
+xd_stream_features_add(xd_module *m, xd_stream_type type, xd_features_fn fn, void *data)
+{
+    if (reg.nfeatures >= (int)(sizeof(reg.features) / sizeof(reg.features[0])))
+        return -1;
+    reg.features[reg.nfeatures++] = (feature_entry){m, type, fn, data};
+    return 0;
+}
+
+void
+xd_features_fill(xd_session *s, xmpp_stanza_t *features)
+{
+    for (int i = 0; i < reg.nfeatures; i++)
+        if (reg.features[i].type == xd_session_type(s))
+            reg.features[i].fn(s, features, reg.features[i].data);
+}
+
+int
+xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns, xd_element_fn fn,
+                           void *data)
+{
+    element_entry *e;
+    if (reg.nelements >= (int)(sizeof(reg.elements) / sizeof(reg.elements[0])))
+        return -1;
+    e = &reg.elements[reg.nelements];
+    if (!(e->ns = strdup(ns)))
+        return -1;
+    e->owner = m;
+    e->fn = fn;
+    e->data = data;
+    reg.nelements++;
+    (void)type; /* the table is small; the type is checked at dispatch */
+    return xd_hashtab_put(xd_srv.elements[type], e->ns, e);
+}
+
+/* XD_PASS when nobody handles the element. */
+int
+xd_element_dispatch(xd_session *s, xmpp_stanza_t *el)
+{
+    const char *ns = xmpp_stanza_get_ns(el);
+    element_entry *e = ns ? xd_hashtab_get(xd_srv.elements[xd_session_type(s)], ns) : NULL;
+    return e ? e->fn(s, el, e->data) : XD_PASS;
+}
+
+/* ---- disco ------------------------------------------------------------------ */
+
+static int
+disco_add(xd_module *m, const char *a, const char *b, const char *c)
+{
+    disco_entry *e;
+    for (int i = 0; i < reg.ndisco; i++)
+        if (!b && !reg.disco[i].b && strcmp(reg.disco[i].a, a) == 0)
+            return 0; /* the same feature twice is harmless */
+    if (reg.ndisco >= (int)(sizeof(reg.disco) / sizeof(reg.disco[0])))
+        return -1;
+    e = &reg.disco[reg.ndisco];
+    e->owner = m;
+    e->a = strdup(a);
+    e->b = b ? strdup(b) : NULL;
+    e->c = c ? strdup(c) : NULL;
+    if (!e->a || (b && !e->b) || (c && !e->c))
+        return -1;
+    reg.ndisco++;
+    return 0;
+}
+
+int
+xd_disco_add_feature(xd_module *m, const char *ns)
+{
+    return ns ? disco_add(m, ns, NULL, NULL) : -1;
+}
+
+int
+xd_disco_add_identity(xd_module *m, const char *category, const char *type, const char *name)
+{
+    return category && type ? disco_add(m, category, type, name) : -1;
+}
+
+void
+xd_disco_fill_info(xmpp_stanza_t *query)
+{
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < reg.ndisco; i++) {
+            disco_entry *e = &reg.disco[i];
+            xmpp_stanza_t *el;
+            if ((pass == 0) != (e->b != NULL))
+                continue; /* identities first, then features */
+            el = xmpp_stanza_new(xd_ctx());
+            if (!el)
+                return;
+            if (e->b) {
+                xmpp_stanza_set_name(el, "identity");
+                xmpp_stanza_set_attribute(el, "category", e->a);
+                xmpp_stanza_set_attribute(el, "type", e->b);
+                if (e->c)
+                    xmpp_stanza_set_attribute(el, "name", e->c);
+            } else {
+                xmpp_stanza_set_name(el, "feature");
+                xmpp_stanza_set_attribute(el, "var", e->a);
+            }
+            xmpp_stanza_add_child_ex(query, el, 0);
+        }
+}
+
+/* ---- timers ------------------------------------------------------------------ */
+
+static void
+timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    xd_timer *t = (xd_timer *)w;
+    (void)loop;
+    (void)revents;
+    if (!ev_is_active(w)) {
+        /* one-shot: the timer is spent, the callback may not stop it again */
+        xd_timer_fn fn = t->fn;
+        void *data = t->data;
+        free(t);
+        fn(data);
+        return;
+    }
+    t->fn(t->data);
+}
+
+xd_timer *
+xd_timer_start(xd_module *m, double seconds, double repeat, xd_timer_fn fn, void *data)
+{
+    xd_timer *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    t->owner = m;
+    t->fn = fn;
+    t->data = data;
+    ev_timer_init(&t->w, timer_cb, seconds, repeat);
+    ev_timer_start(xd_srv.loop, &t->w);
+    return t;
+}
+
+/* Only for repeating timers, or one-shot timers that have not fired yet. */
+void
+xd_timer_stop(xd_timer *t)
+{
+    if (!t)
+        return;
+    ev_timer_stop(xd_srv.loop, &t->w);
+    free(t);
+}

@@ -1,0 +1,596 @@
+/*
+ * One stream's connection: non-blocking socket I/O, TLS (STARTTLS, RFC 6120
+ * 5, and direct TLS, XEP-0368), the output queue, closing and destruction.
+ * Sessions are destroyed only between loop turns (the graveyard), so code
+ * holding a session pointer inside a callback never sees it freed.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "session.h"
+
+static ev_prepare graveyard_w;
+static xd_session *graveyard;
+
+static void session_flush(xd_session *s);
+static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
+
+static void
+format_peer(xd_session *s)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (s->addr.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&s->addr;
+        inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
+        port = ntohs(a->sin_port);
+        snprintf(s->peer, sizeof(s->peer), "%s:%d", ip, port);
+    } else if (s->addr.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&s->addr;
+        inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
+        port = ntohs(a->sin6_port);
+        snprintf(s->peer, sizeof(s->peer), "[%s]:%d", ip, port);
+    } else
+        snprintf(s->peer, sizeof(s->peer), "?");
+}
+
+static void
+timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    xd_session *s = (xd_session *)((char *)w - offsetof(xd_session, timer));
+    (void)loop;
+    (void)revents;
+    if (s->closing) {
+        xd_session_kill(s); /* the peer would not read our last bytes */
+        return;
+    }
+    xd_info("%s: stream negotiation took too long", s->peer);
+    xd_session_close(s, "connection-timeout", NULL);
+}
+
+static void
+pause_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    xd_session *s = (xd_session *)((char *)w - offsetof(xd_session, pause_timer));
+    (void)revents;
+    s->paused = 0;
+    if (s->dead || s->closing)
+        return;
+    ev_io_start(loop, &s->rio);
+    /* Input may be waiting in expat or in GnuTLS's buffer, with no socket
+     * event to announce it. */
+    xd_stream_input(s);
+    if (!s->dead && !s->closing && !s->paused)
+        read_cb(loop, &s->rio, EV_READ);
+}
+
+static void
+write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    xd_session *s = w->data;
+    (void)loop;
+    (void)revents;
+    if (s->tls_handshaking)
+        xd_session_start_tls(s);
+    else
+        session_flush(s);
+    /* A closing stream is done once its last bytes are out. */
+    if (s->closing && !s->dead && s->out_len == 0)
+        xd_session_kill(s);
+}
+
+xd_session *
+xd_session_new(const xd_listener *l, int fd, const struct sockaddr *sa, socklen_t len)
+{
+    xd_session *s = calloc(1, sizeof(*s));
+    xd_event ev = {0};
+
+    if (!s)
+        return NULL;
+    s->type = l->type;
+    s->listener = l;
+    s->fd = fd;
+    if (len > sizeof(s->addr))
+        len = sizeof(s->addr);
+    memcpy(&s->addr, sa, len);
+    format_peer(s);
+    if (xd_stream_init(s) != 0) {
+        free(s);
+        return NULL;
+    }
+    ev_io_init(&s->rio, read_cb, fd, EV_READ);
+    ev_io_init(&s->wio, write_cb, fd, EV_WRITE);
+    s->rio.data = s->wio.data = s;
+    ev_timer_init(&s->timer, timeout_cb, xd_srv.conf.handshake_timeout, 0);
+    ev_timer_init(&s->pause_timer, pause_cb, 0, 0);
+    s->next = xd_srv.sessions;
+    if (s->next)
+        s->next->prev = s;
+    xd_srv.sessions = s;
+    xd_srv.nsessions++;
+
+    ev.session = s;
+    ev.addr = (const struct sockaddr *)&s->addr;
+    if (xd_hooks_run(XD_HOOK_CONNECT, &ev) == XD_DROP) {
+        xd_info("%s: connection refused by a module", s->peer);
+        xd_session_kill(s);
+        return s;
+    }
+    xd_debug("%s: connected (%s, %s)", s->peer, s->type == XD_STREAM_C2S ? "c2s" : "s2s",
+             l->tls == XD_TLS_DIRECT ? "direct TLS" : "STARTTLS");
+    ev_timer_start(xd_srv.loop, &s->timer);
+    if (l->tls == XD_TLS_DIRECT)
+        xd_session_start_tls(s);
+    else
+        ev_io_start(xd_srv.loop, &s->rio);
+    return s;
+}
+
+/* ---- TLS ------------------------------------------------------------------ */
+
+static int
+tls_setup(xd_session *s)
+{
+    int r = gnutls_init(&s->tls, GNUTLS_SERVER | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
+    if (r < 0)
+        goto fail;
+    s->creds = xd_srv.creds;
+    s->creds->refs++;
+    if ((r = gnutls_priority_set(s->tls, xd_srv.priority)) < 0 ||
+        (r = gnutls_credentials_set(s->tls, GNUTLS_CRD_CERTIFICATE, s->creds->cred)) < 0)
+        goto fail;
+    gnutls_certificate_server_set_request(s->tls, GNUTLS_CERT_IGNORE);
+    gnutls_transport_set_int(s->tls, s->fd);
+    gnutls_handshake_set_timeout(s->tls, 0);
+    s->tls_handshaking = 1;
+    return 0;
+fail:
+    xd_warn("%s: TLS setup failed: %s", s->peer, gnutls_strerror(r));
+    return -1;
+}
+
+/* Start or continue the handshake. */
+void
+xd_session_start_tls(xd_session *s)
+{
+    int r;
+
+    if (!s->tls && tls_setup(s) != 0) {
+        xd_session_kill(s);
+        return;
+    }
+    r = gnutls_handshake(s->tls);
+    if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+        if (gnutls_record_get_direction(s->tls)) {
+            ev_io_stop(xd_srv.loop, &s->rio);
+            ev_io_start(xd_srv.loop, &s->wio);
+        } else {
+            ev_io_stop(xd_srv.loop, &s->wio);
+            ev_io_start(xd_srv.loop, &s->rio);
+        }
+        return;
+    }
+    if (r < 0) {
+        xd_info("%s: TLS handshake failed: %s", s->peer, gnutls_strerror(r));
+        xd_session_kill(s);
+        return;
+    }
+    s->tls_handshaking = 0;
+    s->tls_up = 1;
+    ev_io_stop(xd_srv.loop, &s->wio);
+    ev_io_start(xd_srv.loop, &s->rio);
+    {
+        char *desc = gnutls_session_get_desc(s->tls);
+        xd_debug("%s: TLS up: %s", s->peer, desc ? desc : "?");
+        gnutls_free(desc);
+    }
+    if (s->out_len)
+        session_flush(s);
+}
+
+/* ---- reading ------------------------------------------------------------------ */
+
+static ssize_t
+sock_read(xd_session *s, char *buf, size_t len)
+{
+    ssize_t n;
+    if (s->tls_up) {
+        n = gnutls_record_recv(s->tls, buf, len);
+        if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
+            return -2;
+        if (n == GNUTLS_E_PREMATURE_TERMINATION)
+            return 0;
+        if (n < 0) {
+            xd_info("%s: TLS read error: %s", s->peer, gnutls_strerror((int)n));
+            return -1;
+        }
+        return n;
+    }
+    n = recv(s->fd, buf, len, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return -2;
+    if (n < 0)
+        xd_debug("%s: read error: %s", s->peer, strerror(errno));
+    return n;
+}
+
+static void
+read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    xd_session *s = w->data;
+    (void)loop;
+    (void)revents;
+
+    if (s->tls_handshaking) {
+        xd_session_start_tls(s);
+        return;
+    }
+    /* Bounded: a flood on one socket must not starve the others. */
+    for (int round = 0; round < 8; round++) {
+        ssize_t n;
+        if (s->dead || s->closing || s->paused || s->in_pending || s->tls_handshaking ||
+            s->tls_start_after_flush)
+            return;
+        n = sock_read(s, s->in, sizeof(s->in));
+        if (n == -2)
+            return;
+        if (n <= 0) {
+            if (n == 0)
+                xd_debug("%s: connection closed by peer", s->peer);
+            xd_session_kill(s);
+            return;
+        }
+        s->in_len = (size_t)n;
+        s->in_pending = 1;
+        xd_stream_input(s);
+    }
+}
+
+/* ---- writing ------------------------------------------------------------------ */
+
+static void
+session_flush(xd_session *s)
+{
+    while (s->out_len > s->out_off) {
+        size_t len = s->out_len - s->out_off;
+        ssize_t n;
+        if (s->tls_handshaking)
+            return; /* written once the handshake is done */
+        if (s->tls_up) {
+            if (s->tls_retry_len)
+                len = s->tls_retry_len;
+            n = gnutls_record_send(s->tls, s->out + s->out_off, len);
+            if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+                s->tls_retry_len = len;
+                ev_io_start(xd_srv.loop, &s->wio);
+                return;
+            }
+            s->tls_retry_len = 0;
+        } else {
+            n = send(s->fd, s->out + s->out_off, len, MSG_NOSIGNAL);
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+                ev_io_start(xd_srv.loop, &s->wio);
+                return;
+            }
+        }
+        if (n < 0) {
+            xd_debug("%s: write failed", s->peer);
+            xd_session_kill(s);
+            return;
+        }
+        s->out_off += (size_t)n;
+    }
+    s->out_off = s->out_len = 0;
+    ev_io_stop(xd_srv.loop, &s->wio);
+    if (s->tls_start_after_flush) {
+        /* <proceed/> is on the wire: from here on the socket speaks TLS. */
+        s->tls_start_after_flush = 0;
+        xd_session_start_tls(s);
+    }
+}
+
+int
+xd_session_send_raw(xd_session *s, const char *data, size_t len)
+{
+    if (s->dead)
+        return -1;
+    if (s->out_len + len > XD_OUT_MAX) {
+        xd_warn("%s: peer is not reading; %zu bytes queued; closing", s->peer, s->out_len);
+        xd_session_kill(s);
+        return -1;
+    }
+    if (s->out_len + len > s->out_cap) {
+        size_t cap = s->out_cap ? s->out_cap : 4096;
+        char *p;
+        while (cap < s->out_len + len)
+            cap *= 2;
+        if (!(p = realloc(s->out, cap))) {
+            xd_session_kill(s);
+            return -1;
+        }
+        s->out = p;
+        s->out_cap = cap;
+    }
+    memcpy(s->out + s->out_len, data, len);
+    s->out_len += len;
+    if (!ev_is_active(&s->wio))
+        session_flush(s);
+    return 0;
+}
+
+/* Top-level stanzas inherit the stream's default namespace. */
+static void
+strip_stream_ns(xmpp_stanza_t *st)
+{
+    const char *ns = xmpp_stanza_get_ns(st);
+    if (ns && (strcmp(ns, "jabber:client") == 0 || strcmp(ns, "jabber:server") == 0))
+        xmpp_stanza_del_attribute(st, "xmlns");
+}
+
+int
+xd_session_send(xd_session *s, xmpp_stanza_t *st)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    int r = -1;
+
+    if (!st)
+        return -1;
+    if (!s->dead && !s->closing) {
+        strip_stream_ns(st);
+        if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK) {
+            r = xd_session_send_raw(s, buf, len);
+            xmpp_free(xd_ctx(), buf);
+        }
+    }
+    xmpp_stanza_release(st);
+    return r;
+}
+
+/* ---- closing ------------------------------------------------------------------ */
+
+static void
+unbind(xd_session *s)
+{
+    if (s->bound) {
+        xd_event ev = {.session = s, .from = &s->jid};
+        xd_hooks_run(XD_HOOK_SESSION_END, &ev);
+        xd_router_unbind(s);
+    }
+}
+
+void
+xd_session_close(xd_session *s, const char *condition, const char *text)
+{
+    if (s->dead || s->closing)
+        return;
+    if (condition)
+        xd_info("%s: closing stream: %s%s%s", s->peer, condition, text ? ": " : "", text ? text : "");
+    unbind(s);
+    s->closing = 1;
+    ev_io_stop(xd_srv.loop, &s->rio);
+    ev_timer_stop(xd_srv.loop, &s->pause_timer);
+    if (condition)
+        xd_stream_send_error(s, condition, text);
+    else {
+        if (!s->header_sent)
+            xd_stream_send_header(s);
+        xd_session_send_raw(s, "</stream:stream>", 16);
+    }
+    if (s->dead)
+        return;
+    /* Linger until the output is flushed, but not for ever. */
+    ev_timer_stop(xd_srv.loop, &s->timer);
+    ev_timer_set(&s->timer, 5., 0.);
+    ev_timer_start(xd_srv.loop, &s->timer);
+    if (s->out_len == 0 && !s->tls_handshaking)
+        xd_session_kill(s);
+}
+
+void
+xd_session_kill(xd_session *s)
+{
+    if (s->dead)
+        return;
+    unbind(s);
+    s->dead = 1;
+    ev_io_stop(xd_srv.loop, &s->rio);
+    ev_io_stop(xd_srv.loop, &s->wio);
+    ev_timer_stop(xd_srv.loop, &s->timer);
+    ev_timer_stop(xd_srv.loop, &s->pause_timer);
+    s->dead_next = graveyard;
+    graveyard = s;
+}
+
+void
+xd_session_destroy(xd_session *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        xd_srv.sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    xd_srv.nsessions--;
+    for (int i = 0; i < XD_MAX_MODULES; i++)
+        if (s->mdata[i] && s->mfree[i])
+            s->mfree[i](s->mdata[i]);
+    if (s->tls) {
+        if (s->tls_up)
+            gnutls_bye(s->tls, GNUTLS_SHUT_WR); /* best effort, non-blocking */
+        gnutls_deinit(s->tls);
+    }
+    xd_tls_creds_release(s->creds);
+    if (s->fd >= 0)
+        close(s->fd);
+    xd_stream_free(s);
+    if (s->presence)
+        xmpp_stanza_release(s->presence);
+    free(s->out);
+    free(s->full);
+    free(s->bare);
+    xd_debug("%s: session destroyed", s->peer);
+    free(s);
+}
+
+static void
+graveyard_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    while (graveyard) {
+        xd_session *s = graveyard;
+        graveyard = s->dead_next;
+        xd_session_destroy(s);
+    }
+}
+
+void
+xd_graveyard_init(void)
+{
+    ev_prepare_init(&graveyard_w, graveyard_cb);
+    ev_prepare_start(xd_srv.loop, &graveyard_w);
+    ev_unref(xd_srv.loop); /* the graveyard alone does not keep the loop alive */
+}
+
+/* SIGTERM: tell every stream, flush, and let the loop run out. */
+void
+xd_sessions_shutdown(void)
+{
+    for (xd_session *s = xd_srv.sessions; s; s = s->next)
+        if (!s->dead)
+            xd_session_close(s, "system-shutdown", NULL);
+}
+
+/* ---- the public session API ------------------------------------------------------ */
+
+xd_stream_type
+xd_session_type(const xd_session *s)
+{
+    return s->type;
+}
+
+int
+xd_session_is_tls(const xd_session *s)
+{
+    return s->tls_up;
+}
+
+int
+xd_session_is_authenticated(const xd_session *s)
+{
+    return s->authenticated;
+}
+
+int
+xd_session_is_bound(const xd_session *s)
+{
+    return s->bound;
+}
+
+const char *
+xd_session_host(const xd_session *s)
+{
+    return s->host;
+}
+
+const xd_jid *
+xd_session_jid(const xd_session *s)
+{
+    return &s->jid;
+}
+
+const char *
+xd_session_peer(const xd_session *s)
+{
+    return s->peer;
+}
+
+const struct sockaddr *
+xd_session_addr(const xd_session *s)
+{
+    return (const struct sockaddr *)&s->addr;
+}
+
+void
+xd_session_set_authenticated(xd_session *s, const char *localpart)
+{
+    snprintf(s->jid.local, sizeof(s->jid.local), "%s", localpart);
+    snprintf(s->jid.domain, sizeof(s->jid.domain), "%s", s->host);
+    s->jid.resource[0] = '\0';
+    s->authenticated = 1;
+    s->restart = XD_RESTART_STREAM;
+}
+
+void
+xd_session_set_presence(xd_session *s, xmpp_stanza_t *presence)
+{
+    const char *type = xmpp_stanza_get_type(presence);
+    xmpp_stanza_t *prio = xmpp_stanza_get_child_by_name(presence, "priority");
+
+    if (s->presence)
+        xmpp_stanza_release(s->presence);
+    s->presence = NULL;
+    s->priority = 0;
+    s->available = !type || strcmp(type, "available") == 0;
+    if (!s->available)
+        return;
+    s->presence = xmpp_stanza_copy(presence);
+    if (prio) {
+        char *t = xmpp_stanza_get_text(prio);
+        if (t) {
+            long v = strtol(t, NULL, 10);
+            s->priority = v < -128 ? -128 : v > 127 ? 127 : (int)v;
+            xmpp_free(xd_ctx(), t);
+        }
+    }
+}
+
+int
+xd_session_is_available(const xd_session *s)
+{
+    return s->available;
+}
+
+int
+xd_session_priority(const xd_session *s)
+{
+    return s->priority;
+}
+
+xmpp_stanza_t *
+xd_session_presence(const xd_session *s)
+{
+    return s->presence;
+}
+
+void *
+xd_session_get_data(const xd_session *s, const xd_module *m)
+{
+    return s->mdata[m->index];
+}
+
+void
+xd_session_set_data(xd_session *s, xd_module *m, void *data, void (*free_fn)(void *))
+{
+    if (s->mdata[m->index] && s->mfree[m->index] && s->mdata[m->index] != data)
+        s->mfree[m->index](s->mdata[m->index]);
+    s->mdata[m->index] = data;
+    s->mfree[m->index] = free_fn;
+}
+
+void
+xd_session_pause(xd_session *s, unsigned ms)
+{
+    if (s->dead || s->closing)
+        return;
+    s->paused = 1;
+    ev_io_stop(xd_srv.loop, &s->rio);
+    ev_timer_stop(xd_srv.loop, &s->pause_timer);
+    ev_timer_set(&s->pause_timer, ms / 1000., 0.);
+    ev_timer_start(xd_srv.loop, &s->pause_timer);
+}

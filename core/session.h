@@ -1,0 +1,85 @@
+/* Private to the core: one XML stream over one TCP connection. */
+#ifndef XD_CORE_SESSION_H
+#define XD_CORE_SESSION_H
+
+#include <netinet/in.h>
+
+#include "server.h"
+
+#define XD_DEPTH_MAX 48          /* deepest element nesting we accept */
+#define XD_OUT_MAX (4u << 20)    /* bytes queued for a slow reader before we give up */
+#define XD_READ_CHUNK 16384
+
+enum { XD_RESTART_NONE = 0, XD_RESTART_STREAM, XD_RESTART_TLS };
+
+struct xd_session {
+    xd_stream_type type;
+    const xd_listener *listener;
+    int fd;
+    ev_io rio, wio;
+    ev_timer timer;       /* handshake deadline, then the close linger */
+    ev_timer pause_timer; /* xd_session_pause() */
+    struct sockaddr_storage addr;
+    char peer[64];
+
+    /* TLS */
+    gnutls_session_t tls;
+    xd_tls_creds *creds;
+    unsigned tls_handshaking : 1, tls_up : 1, tls_start_after_flush : 1;
+    size_t tls_retry_len; /* gnutls_record_send() wants the same length again */
+
+    /* output queue */
+    char *out;
+    size_t out_off, out_len, out_cap;
+
+    /* input: the chunk being parsed (expat may be suspended inside it) */
+    char in[XD_READ_CHUNK];
+    size_t in_len;
+    long long chunk_base; /* parser byte index where `in` starts */
+    unsigned in_pending : 1, suspended : 1;
+
+    /* parser */
+    XML_Parser parser;
+    int depth;
+    xmpp_stanza_t *stack[XD_DEPTH_MAX + 1];
+    char *text;
+    size_t text_len, text_cap;
+    xmpp_stanza_t *ready;    /* a complete top-level element to dispatch */
+    const char *err_cond;    /* stream error chosen by a parser callback */
+    long long fed;           /* bytes fed to the current parser */
+    long long mark;          /* parser index where the current stanza (or gap) began */
+    long long consumed;      /* parser index just past the last complete element */
+    char *stream_ns;         /* default namespace of the stream header */
+
+    /* stream state */
+    unsigned header_sent : 1, header_received : 1, authenticated : 1, bound : 1, closing : 1,
+        dead : 1, paused : 1, available : 1;
+    int restart;
+    int priority;
+    char host[XD_JID_PART_MAX + 1];
+    char id[33];
+    xd_jid jid;
+    char *full, *bare;       /* keys in the router's tables while bound */
+    xmpp_stanza_t *presence;
+    xd_session *res_next;    /* next resource of the same bare JID */
+    xd_session *next, *prev; /* every session, for shutdown */
+    xd_session *dead_next;   /* the graveyard */
+
+    void *mdata[XD_MAX_MODULES];
+    void (*mfree[XD_MAX_MODULES])(void *);
+};
+
+/* session.c */
+xd_session *xd_session_new(const xd_listener *l, int fd, const struct sockaddr *sa, socklen_t len);
+void xd_session_start_tls(xd_session *s);
+void xd_session_kill(xd_session *s); /* stop now, destroy at the end of this loop turn */
+void xd_graveyard_init(void);
+
+/* stream.c */
+int xd_stream_init(xd_session *s);
+void xd_stream_free(xd_session *s);
+void xd_stream_input(xd_session *s); /* parse s->in, dispatch what completes */
+void xd_stream_send_error(xd_session *s, const char *cond, const char *text);
+void xd_stream_send_header(xd_session *s);
+
+#endif

@@ -1,0 +1,572 @@
+/*
+ * Storage on Berkeley DB 5.3: one transactional environment in the data
+ * directory, one B-tree file per named table.  The server is single-threaded,
+ * so handles are opened without DB_THREAD and the default (durable) commit
+ * is used everywhere: a committed transaction survives a kill -9.
+ */
+#include <db.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include <xmppd/log.h>
+#include <xmppd/storage.h>
+
+#include "store.h"
+
+#define TABLE_NAME_MAX 64
+#define TABLES_MAX 32
+#define CACHE_BYTES (16u * 1024u * 1024u)
+/* foreach copies this many records, then closes its cursor before calling
+ * back, so no page lock is held while fn runs (see xd_db_foreach). */
+#define FOREACH_BATCH 64
+
+struct xd_db {
+    DB *dbp;
+    char name[TABLE_NAME_MAX + 1];
+};
+
+/* A wrapper rather than a cast, so a stray xd_txn * cannot be mistaken for
+ * another handle type. */
+struct xd_txn {
+    DB_TXN *t;
+};
+
+/*
+ * The only mutable global state of the storage layer: the environment and
+ * the tables opened so far.  Tables live until xd_store_close(); their
+ * addresses are handed out to modules, hence a fixed array that never moves.
+ */
+static struct {
+    DB_ENV *env;
+    struct xd_db tables[TABLES_MAX];
+    int ntables;
+} store;
+
+/* ---- environment ---------------------------------------------------------- */
+
+static void bdb_errcall(const DB_ENV *env, const char *prefix, const char *msg)
+{
+    (void)env;
+    xd_error("storage: %s%s%s", prefix ? prefix : "", prefix ? ": " : "", msg);
+}
+
+static void bdb_msgcall(const DB_ENV *env, const char *msg)
+{
+    (void)env;
+    xd_info("storage: %s", msg);
+}
+
+/* mkdir -p with mode 0700 for the parts we create. */
+static int make_dir(const char *dir)
+{
+    char path[4096];
+    size_t n = strlen(dir);
+
+    if (n == 0 || n >= sizeof(path)) {
+        xd_error("storage: bad data directory '%s'", dir);
+        return -1;
+    }
+    memcpy(path, dir, n + 1);
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+            xd_error("storage: mkdir %s: %s", path, strerror(errno));
+            return -1;
+        }
+        *p = '/';
+    }
+    if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+        xd_error("storage: mkdir %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * DB_TXN_NOWAIT: in a single-threaded server a lock wait could only end when
+ * another of our own transactions finishes, which never happens while we
+ * wait, so a conflict fails at once with DB_LOCK_DEADLOCK instead of hanging.
+ */
+static int env_configure(DB_ENV *env)
+{
+    int ret;
+
+    env->set_errcall(env, bdb_errcall);
+    env->set_msgcall(env, bdb_msgcall);
+    if ((ret = env->set_cachesize(env, 0, CACHE_BYTES, 1)) != 0 ||
+        (ret = env->set_lk_detect(env, DB_LOCK_DEFAULT)) != 0 ||
+        (ret = env->set_flags(env, DB_TXN_NOWAIT, 1)) != 0 ||
+        (ret = env->log_set_config(env, DB_LOG_AUTO_REMOVE, 1)) != 0) {
+        xd_error("storage: configuring environment: %s", db_strerror(ret));
+        return -1;
+    }
+    return 0;
+}
+
+int xd_store_open(const char *dir)
+{
+    /* No DB_THREAD: one thread uses the handles.  DB_RECOVER replays the log
+     * so a crash between commit and checkpoint loses nothing committed;
+     * DB_REGISTER runs it only when a process died with the environment
+     * open, so xmppctl can open it beside a running server. */
+    const u_int32_t flags = DB_CREATE | DB_INIT_TXN | DB_INIT_LOCK | DB_INIT_LOG |
+                            DB_INIT_MPOOL | DB_RECOVER | DB_REGISTER;
+    DB_ENV *env;
+    int ret;
+
+    if (store.env) {
+        xd_error("storage: already open");
+        return -1;
+    }
+    if (!dir || make_dir(dir) != 0)
+        return -1;
+    if ((ret = db_env_create(&env, 0)) != 0) {
+        xd_error("storage: db_env_create: %s", db_strerror(ret));
+        return -1;
+    }
+    if (env_configure(env) != 0) {
+        env->close(env, 0);
+        return -1;
+    }
+    if ((ret = env->open(env, dir, flags, 0600)) != 0) {
+        xd_error("storage: opening environment %s: %s", dir, db_strerror(ret));
+        env->close(env, 0);
+        return -1;
+    }
+    store.env = env;
+    store.ntables = 0;
+    xd_debug("storage: environment open in %s", dir);
+    return 0;
+}
+
+static void checkpoint(void)
+{
+    int ret;
+
+    if ((ret = store.env->log_flush(store.env, NULL)) != 0)
+        xd_error("storage: log flush: %s", db_strerror(ret));
+    if ((ret = store.env->txn_checkpoint(store.env, 0, 0, 0)) != 0)
+        xd_error("storage: checkpoint: %s", db_strerror(ret));
+}
+
+void xd_store_flush(void)
+{
+    if (store.env)
+        checkpoint();
+}
+
+void xd_store_close(void)
+{
+    int ret;
+
+    if (!store.env)
+        return;
+    for (int i = 0; i < store.ntables; i++) {
+        if ((ret = store.tables[i].dbp->close(store.tables[i].dbp, 0)) != 0)
+            xd_error("storage: closing table %s: %s", store.tables[i].name, db_strerror(ret));
+        store.tables[i].dbp = NULL;
+    }
+    store.ntables = 0;
+    /* Checkpoint after the tables are synced so recovery at the next start
+     * has nothing to replay. */
+    checkpoint();
+    if ((ret = store.env->close(store.env, 0)) != 0)
+        xd_error("storage: closing environment: %s", db_strerror(ret));
+    store.env = NULL;
+}
+
+/* ---- tables --------------------------------------------------------------- */
+
+static int valid_table_name(const char *name)
+{
+    size_t n = 0;
+
+    if (!name)
+        return 0;
+    for (; name[n]; n++) {
+        char c = name[n];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
+            return 0;
+        if (n >= TABLE_NAME_MAX)
+            return 0;
+    }
+    return n > 0;
+}
+
+xd_db *xd_db_open(const char *name)
+{
+    char file[TABLE_NAME_MAX + 4];
+    struct xd_db *t;
+    DB *dbp;
+    int ret;
+
+    if (!store.env) {
+        xd_error("storage: table %s opened before the store", name ? name : "(null)");
+        return NULL;
+    }
+    if (!valid_table_name(name)) {
+        xd_error("storage: invalid table name '%s'", name ? name : "(null)");
+        return NULL;
+    }
+    for (int i = 0; i < store.ntables; i++)
+        if (strcmp(store.tables[i].name, name) == 0)
+            return &store.tables[i];
+    if (store.ntables == TABLES_MAX) {
+        xd_error("storage: too many tables (max %d) opening %s", TABLES_MAX, name);
+        return NULL;
+    }
+    if ((ret = db_create(&dbp, store.env, 0)) != 0) {
+        xd_error("storage: db_create %s: %s", name, db_strerror(ret));
+        return NULL;
+    }
+    snprintf(file, sizeof(file), "%s.db", name);
+    ret = dbp->open(dbp, NULL, file, NULL, DB_BTREE, DB_AUTO_COMMIT | DB_CREATE, 0600);
+    if (ret != 0) {
+        xd_error("storage: opening table %s: %s", name, db_strerror(ret));
+        dbp->close(dbp, 0);
+        return NULL;
+    }
+    t = &store.tables[store.ntables++];
+    t->dbp = dbp;
+    strcpy(t->name, name);
+    return t;
+}
+
+/* ---- transactions --------------------------------------------------------- */
+
+int xd_txn_begin(xd_txn **txn)
+{
+    struct xd_txn *x;
+    int ret;
+
+    *txn = NULL;
+    if (!store.env) {
+        xd_error("storage: transaction begun before the store is open");
+        return -1;
+    }
+    if (!(x = malloc(sizeof(*x)))) {
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    if ((ret = store.env->txn_begin(store.env, NULL, &x->t, 0)) != 0) {
+        xd_error("storage: txn_begin: %s", db_strerror(ret));
+        free(x);
+        return -1;
+    }
+    *txn = x;
+    return 0;
+}
+
+int xd_txn_commit(xd_txn *txn)
+{
+    int ret;
+
+    if (!txn)
+        return -1;
+    /* The DB_TXN handle is gone after commit, whatever it returns. */
+    ret = txn->t->commit(txn->t, 0);
+    free(txn);
+    if (ret != 0) {
+        xd_error("storage: commit: %s", db_strerror(ret));
+        return -1;
+    }
+    return 0;
+}
+
+void xd_txn_abort(xd_txn *txn)
+{
+    int ret;
+
+    if (!txn)
+        return;
+    if ((ret = txn->t->abort(txn->t)) != 0)
+        xd_error("storage: abort: %s", db_strerror(ret));
+    free(txn);
+}
+
+/* ---- records -------------------------------------------------------------- */
+
+static DB_TXN *raw_txn(const xd_txn *txn)
+{
+    return txn ? txn->t : NULL;
+}
+
+/* Writes without a transaction still go through one of their own. */
+static u_int32_t write_flags(const xd_txn *txn)
+{
+    return txn ? 0 : DB_AUTO_COMMIT;
+}
+
+static void set_dbt(DBT *d, const void *data, size_t len)
+{
+    memset(d, 0, sizeof(*d));
+    d->data = (void *)(uintptr_t)data; /* BDB does not write input keys */
+    d->size = (u_int32_t)len;
+}
+
+static int report(const xd_db *db, const char *op, int ret)
+{
+    if (ret == DB_LOCK_DEADLOCK || ret == DB_LOCK_NOTGRANTED)
+        xd_error("storage: %s on %s: lock conflict (deadlock), transaction must be aborted",
+                 op, db->name);
+    else
+        xd_error("storage: %s on %s: %s", op, db->name, db_strerror(ret));
+    return -1;
+}
+
+/*
+ * Reads without a transaction run in a short one of their own: only
+ * transactional lockers honour DB_TXN_NOWAIT, and a plain read that met a
+ * record locked by one of our open transactions would wait forever.
+ */
+static int read_begin(xd_db *db, xd_txn *txn, DB_TXN **t)
+{
+    int ret;
+
+    *t = NULL;
+    if (txn) {
+        *t = txn->t;
+        return 0;
+    }
+    if ((ret = store.env->txn_begin(store.env, NULL, t, 0)) != 0)
+        return report(db, "txn_begin", ret);
+    return 0;
+}
+
+/* Ends what read_begin started (nothing was written, so nothing to sync). */
+static void read_end(xd_db *db, const xd_txn *txn, DB_TXN *t)
+{
+    int ret;
+
+    if (!txn && t && (ret = t->commit(t, 0)) != 0)
+        report(db, "read commit", ret);
+}
+
+static int check_args(const xd_db *db, const void *key, size_t klen)
+{
+    if (!db || !db->dbp || (!key && klen) || klen > UINT32_MAX) {
+        xd_error("storage: invalid arguments");
+        return -1;
+    }
+    return 0;
+}
+
+int xd_db_get(xd_db *db, xd_txn *txn, const void *key, size_t klen, void **val, size_t *vlen)
+{
+    DB_TXN *t;
+    DBT k, v;
+    char *out;
+    int ret;
+
+    *val = NULL;
+    if (vlen)
+        *vlen = 0;
+    if (check_args(db, key, klen) != 0)
+        return -1;
+    if (read_begin(db, txn, &t) != 0)
+        return -1;
+    set_dbt(&k, key, klen);
+    memset(&v, 0, sizeof(v));
+    v.flags = DB_DBT_MALLOC;
+    ret = db->dbp->get(db->dbp, t, &k, &v, 0);
+    read_end(db, txn, t);
+    if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
+        return XD_NOTFOUND;
+    if (ret != 0)
+        return report(db, "get", ret);
+    /* Room for the convenience NUL; BDB allocated v.data with malloc. */
+    if (!(out = realloc(v.data, (size_t)v.size + 1))) {
+        free(v.data);
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    out[v.size] = '\0';
+    *val = out;
+    if (vlen)
+        *vlen = v.size;
+    return 0;
+}
+
+int xd_db_put(xd_db *db, xd_txn *txn, const void *key, size_t klen, const void *val, size_t vlen)
+{
+    DBT k, v;
+    int ret;
+
+    if (check_args(db, key, klen) != 0 || (!val && vlen) || vlen > UINT32_MAX)
+        return -1;
+    set_dbt(&k, key, klen);
+    set_dbt(&v, val, vlen);
+    if ((ret = db->dbp->put(db->dbp, raw_txn(txn), &k, &v, write_flags(txn))) != 0)
+        return report(db, "put", ret);
+    return 0;
+}
+
+int xd_db_del(xd_db *db, xd_txn *txn, const void *key, size_t klen)
+{
+    DBT k;
+    int ret;
+
+    if (check_args(db, key, klen) != 0)
+        return -1;
+    set_dbt(&k, key, klen);
+    ret = db->dbp->del(db->dbp, raw_txn(txn), &k, write_flags(txn));
+    if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
+        return XD_NOTFOUND;
+    if (ret != 0)
+        return report(db, "del", ret);
+    return 0;
+}
+
+/* ---- iteration ------------------------------------------------------------ */
+
+struct rec {
+    void *key, *val;
+    size_t klen, vlen;
+};
+
+struct batch {
+    struct rec r[FOREACH_BATCH];
+    int n;
+    int more; /* records may follow the batch */
+};
+
+static void batch_free(struct batch *b)
+{
+    for (int i = 0; i < b->n; i++) {
+        free(b->r[i].key);
+        free(b->r[i].val);
+    }
+    b->n = 0;
+}
+
+static void *dup_bytes(const void *p, size_t n)
+{
+    void *q = malloc(n ? n : 1);
+    if (q && n)
+        memcpy(q, p, n);
+    return q;
+}
+
+static int batch_add(struct batch *b, const DBT *k, const DBT *v)
+{
+    struct rec *r = &b->r[b->n];
+
+    r->key = dup_bytes(k->data, k->size);
+    r->val = dup_bytes(v->data, v->size);
+    if (!r->key || !r->val) {
+        free(r->key);
+        free(r->val);
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    r->klen = k->size;
+    r->vlen = v->size;
+    b->n++;
+    return 0;
+}
+
+/*
+ * Copy up to FOREACH_BATCH records with the prefix, starting at the first key
+ * >= from (the first key of the table when flen == 0).  The cursor is closed
+ * before returning, on every path.
+ */
+static int batch_read(xd_db *db, DB_TXN *t, const void *prefix, size_t plen, const void *from,
+                      size_t flen, struct batch *b)
+{
+    DBC *c;
+    DBT k, v;
+    int ret, cret, oom = 0, op = flen ? DB_SET_RANGE : DB_FIRST;
+
+    b->n = 0;
+    b->more = 0;
+    if ((ret = db->dbp->cursor(db->dbp, t, &c, 0)) != 0)
+        return report(db, "cursor", ret);
+    set_dbt(&k, from, flen);
+    memset(&v, 0, sizeof(v));
+    while ((ret = c->get(c, &k, &v, (u_int32_t)op)) == 0) {
+        op = DB_NEXT;
+        if (plen && (k.size < plen || memcmp(k.data, prefix, plen) != 0))
+            break; /* past the prefix: keys are sorted, nothing more matches */
+        if (batch_add(b, &k, &v) != 0) {
+            oom = 1;
+            break;
+        }
+        if (b->n == FOREACH_BATCH) {
+            b->more = 1;
+            break;
+        }
+    }
+    if ((cret = c->close(c)) != 0 && (ret == 0 || ret == DB_NOTFOUND))
+        ret = cret;
+    if (!oom && (ret == 0 || ret == DB_NOTFOUND))
+        return 0;
+    batch_free(b);
+    return oom ? -1 : report(db, ret == cret ? "cursor close" : "cursor get", ret);
+}
+
+/* The smallest key after last in BDB's default order (bytewise, shorter
+ * first) is last followed by one NUL byte. */
+static int next_start(void **from, size_t *flen, const struct rec *last)
+{
+    unsigned char *p = malloc(last->klen + 1);
+
+    if (!p) {
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    memcpy(p, last->key, last->klen);
+    p[last->klen] = 0;
+    free(*from);
+    *from = p;
+    *flen = last->klen + 1;
+    return 0;
+}
+
+/*
+ * Records are read in batches and the cursor is closed while fn runs: a
+ * callback may then write to the same table (even with a NULL txn, which
+ * would otherwise block forever on the cursor's page lock in this single
+ * threaded process).
+ */
+int xd_db_foreach(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, xd_db_visit_fn fn,
+                  void *data)
+{
+    struct batch *b;
+    void *from = NULL;
+    size_t flen = 0;
+    int ret = 0;
+
+    if (check_args(db, prefix, plen) != 0 || !fn)
+        return -1;
+    if (!(b = calloc(1, sizeof(*b))) || (plen && !(from = dup_bytes(prefix, plen)))) {
+        free(b);
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    flen = plen;
+    do {
+        DB_TXN *t;
+
+        if ((ret = read_begin(db, txn, &t)) != 0)
+            break;
+        ret = batch_read(db, t, prefix, plen, from, flen, b);
+        read_end(db, txn, t);
+        if (ret != 0)
+            break;
+        for (int i = 0; i < b->n && ret == 0; i++)
+            ret = fn(b->r[i].key, b->r[i].klen, b->r[i].val, b->r[i].vlen, data);
+        if (ret == 0 && b->more && next_start(&from, &flen, &b->r[b->n - 1]) != 0)
+            ret = -1;
+        batch_free(b);
+    } while (ret == 0 && b->more);
+    free(from);
+    free(b);
+    return ret;
+}

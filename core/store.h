@@ -1,0 +1,27 @@
+/* Core side of storage and accounts: opening the environment, account admin. */
+#ifndef XD_CORE_STORE_H
+#define XD_CORE_STORE_H
+
+#include <xmppd/jid.h>
+#include <xmppd/scram.h>
+#include <xmppd/storage.h>
+
+/* Open (create, run recovery on) the environment in dir. 0 ok, -1 (logged). */
+int xd_store_open(const char *dir);
+/* Checkpoint and close every table and the environment. Safe to call twice. */
+void xd_store_close(void);
+/* Flush the log to disk (used on shutdown and periodically). */
+void xd_store_flush(void);
+
+/*
+ * Accounts live in the table "accounts": key = bare JID string, value = a
+ * small versioned binary record with the SCRAM-SHA-1 and SCRAM-SHA-256
+ * iterations, salts, StoredKey and ServerKey.  Never the password.
+ */
+int xd_account_create(const xd_jid *bare, const char *password); /* -2: exists */
+int xd_account_set_password(const xd_jid *bare, const char *password); /* XD_NOTFOUND */
+int xd_account_delete(const xd_jid *bare);                        /* XD_NOTFOUND */
+/* Call fn for each account (bare JID string) of domain (NULL: all). */
+int xd_account_foreach(const char *domain, int (*fn)(const char *jid, void *data), void *data);
+
+#endif

@@ -1,0 +1,252 @@
+/*
+ * xmppd public module API.
+ *
+ * This header (and the ones it includes) is the whole interface between the
+ * server core and a module.  A module includes <xmppd/module.h> and nothing
+ * else of ours, exports one descriptor with XD_MODULE(name), and is loaded
+ * with dlopen() in the order the config's `modules` list gives.
+ *
+ * Ownership, one rule for the whole API: hooks and handlers borrow the
+ * stanza they are given (the core frees it after the call chain); functions
+ * that send or route a stanza take it (the caller must not touch it again).
+ * Strings returned by getters are owned by the core and live as long as the
+ * object they were read from.
+ */
+#ifndef XMPPD_MODULE_H
+#define XMPPD_MODULE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include <strophe.h>
+
+#include <xmppd/jid.h>
+#include <xmppd/log.h>
+#include <xmppd/scram.h>
+#include <xmppd/storage.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped whenever a public struct or signature changes incompatibly. */
+#define XD_MODULE_ABI 1
+
+/* What a hook or handler answers. */
+enum {
+    XD_PASS = 0,    /* not mine, or done with it: go on down the chain */
+    XD_HANDLED = 1, /* taken care of (replied, stored, delivered): stop */
+    XD_DROP = 2     /* discard silently: stop (the module logs why) */
+};
+
+/* Hook priorities: higher runs first. */
+enum {
+    XD_PRIO_FIRST = 1000,
+    XD_PRIO_HIGH = 500,
+    XD_PRIO_DEFAULT = 0,
+    XD_PRIO_LOW = -500,
+    XD_PRIO_LAST = -1000
+};
+
+typedef struct xd_module xd_module;   /* a loaded module (opaque) */
+typedef struct xd_session xd_session; /* one XML stream (opaque) */
+
+typedef enum xd_stream_type { XD_STREAM_C2S = 0, XD_STREAM_S2S = 1 } xd_stream_type;
+
+/*
+ * The hooks of the stanza pipeline, in the order a stanza meets them.
+ * Each handler gets an xd_event; which fields are set depends on the hook.
+ */
+typedef enum xd_hook_id {
+    XD_HOOK_CONNECT = 0,    /* new connection: session, addr. PASS or DROP (refuse) */
+    XD_HOOK_STREAM_OPEN,    /* stream header received: session, to = requested host */
+    XD_HOOK_C2S_STANZA,     /* stanza from an authenticated client stream, 'from' stamped */
+    XD_HOOK_S2S_STANZA,     /* stanza from an authenticated server stream */
+    XD_HOOK_S2S_AUTH,       /* peer domain authenticated: session, from = peer. DROP refuses */
+    XD_HOOK_ROUTE,          /* before routing, any source: stanza, from, to */
+    XD_HOOK_DELIVER_LOCAL,  /* to a local account (to.local set), also when no resource is online */
+    XD_HOOK_DELIVER_REMOTE, /* to a domain that is not ours */
+    XD_HOOK_SESSION_START,  /* a client resource was bound: session */
+    XD_HOOK_SESSION_END,    /* a bound session is ending (still routable): session */
+    XD_HOOK_COUNT
+} xd_hook_id;
+
+typedef struct xd_event {
+    xd_session *session;    /* the stream it came from, or NULL (internal) */
+    xmpp_stanza_t *stanza;  /* borrowed; NULL for connection/session hooks */
+    const xd_jid *from;     /* prepared sender, when known */
+    const xd_jid *to;       /* prepared recipient, when known */
+    const struct sockaddr *addr; /* peer address for XD_HOOK_CONNECT */
+} xd_event;
+
+typedef int (*xd_hook_fn)(xd_event *ev, void *data);
+
+/* Register fn on a hook. 0 ok, -1 on error.  Undone when the module unloads. */
+int xd_hook(xd_module *m, xd_hook_id hook, xd_hook_fn fn, void *data, int priority);
+
+/*
+ * IQ handlers, keyed by the IQ type ("get" or "set") and the namespace of
+ * its payload.  XD_IQ_HOST handlers answer IQs addressed to a served domain;
+ * XD_IQ_ACCOUNT handlers answer IQs addressed to a local bare JID (or sent
+ * by a client without 'to', which RFC 6120 10.3.3 treats as its own account).
+ * The handler must answer (result or error) and return XD_HANDLED; an IQ
+ * that no handler takes gets <service-unavailable/>.
+ */
+typedef enum xd_iq_scope { XD_IQ_HOST = 1, XD_IQ_ACCOUNT = 2 } xd_iq_scope;
+typedef int (*xd_iq_fn)(xd_event *ev, void *data);
+int xd_iq_register(xd_module *m, xd_iq_scope scope, const char *type, const char *ns,
+                   xd_iq_fn fn, void *data);
+
+/*
+ * Stream features and stream-level elements (nonzas: <auth/>, <enable/>...).
+ * A feature function appends children to <stream:features> for the session's
+ * current state.  An element handler receives top-level elements of `ns`
+ * that are not message/presence/iq, and anything sent before authentication.
+ */
+typedef void (*xd_features_fn)(xd_session *s, xmpp_stanza_t *features, void *data);
+int xd_stream_features_add(xd_module *m, xd_stream_type type, xd_features_fn fn, void *data);
+typedef int (*xd_element_fn)(xd_session *s, xmpp_stanza_t *el, void *data);
+int xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns,
+                               xd_element_fn fn, void *data);
+
+/* XEP-0030 features and identities the server advertises. */
+int xd_disco_add_feature(xd_module *m, const char *ns);
+int xd_disco_add_identity(xd_module *m, const char *category, const char *type, const char *name);
+/* Fill a <query xmlns='http://jabber.org/protocol/disco#info'/> with the server's data. */
+void xd_disco_fill_info(xmpp_stanza_t *query);
+
+/* ---- sessions ------------------------------------------------------------ */
+
+xd_stream_type xd_session_type(const xd_session *s);
+int xd_session_is_tls(const xd_session *s);
+int xd_session_is_authenticated(const xd_session *s);
+int xd_session_is_bound(const xd_session *s);
+const char *xd_session_host(const xd_session *s);   /* the served domain it talks to */
+const xd_jid *xd_session_jid(const xd_session *s);  /* authenticated (and bound) JID */
+const char *xd_session_peer(const xd_session *s);   /* "ip:port", for logs */
+const struct sockaddr *xd_session_addr(const xd_session *s);
+/* TLS channel binding data (tls-exporter / tls-unique), for SCRAM-PLUS later. */
+
+/* Send a stanza on this stream; takes ownership. 0 ok, -1 (stream closed). */
+int xd_session_send(xd_session *s, xmpp_stanza_t *st);
+int xd_session_send_raw(xd_session *s, const char *data, size_t len);
+/* Close with a stream error (condition from RFC 6120 4.9.3, or NULL for a clean close). */
+void xd_session_close(xd_session *s, const char *condition, const char *text);
+
+/* After a successful SASL exchange: remember the identity; the stream restarts. */
+void xd_session_set_authenticated(xd_session *s, const char *localpart);
+/*
+ * Bind a resource (NULL: generate one).  A conflicting older session with the
+ * same full JID is closed with <conflict/>.  0 ok, -1 bad resource.
+ */
+int xd_session_bind(xd_session *s, const char *resource);
+/* Record the session's current presence (borrowed; copied). Availability and
+ * priority drive RFC 6121 8.5 delivery to the bare JID. */
+void xd_session_set_presence(xd_session *s, xmpp_stanza_t *presence);
+int xd_session_is_available(const xd_session *s);
+int xd_session_priority(const xd_session *s);
+xmpp_stanza_t *xd_session_presence(const xd_session *s); /* borrowed, NULL if none */
+
+/* Per-module data on a session; free_fn runs when the session is destroyed. */
+void *xd_session_get_data(const xd_session *s, const xd_module *m);
+void xd_session_set_data(xd_session *s, xd_module *m, void *data, void (*free_fn)(void *));
+
+/* Delay processing of this session's input for ms milliseconds (failed logins). */
+void xd_session_pause(xd_session *s, unsigned ms);
+
+/* Call fn for every bound session of a local bare JID; stop when fn returns non-zero. */
+typedef int (*xd_session_iter_fn)(xd_session *s, void *data);
+int xd_user_sessions(const xd_jid *bare, xd_session_iter_fn fn, void *data);
+
+/* ---- routing ------------------------------------------------------------- */
+
+/* The stanza context every module builds stanzas with. */
+xmpp_ctx_t *xd_ctx(void);
+/* Route a stanza by its 'to' (and 'from') attributes; takes ownership. */
+void xd_route(xmpp_stanza_t *st);
+/* Deliver to one session after hooks and routing decided; takes ownership. */
+void xd_deliver_to_session(xd_session *s, xmpp_stanza_t *st);
+/*
+ * Bounce a stanza to its sender with an error (type "cancel", "modify",
+ * "auth", "wait"); errors are never answered.  Borrows st.
+ */
+void xd_bounce(xmpp_stanza_t *st, const char *type, const char *condition, const char *text);
+/* Is this domain served here? */
+int xd_is_local_host(const char *domain);
+
+/* Build an IQ result for iq (same id, to/from swapped); the caller sends it. */
+xmpp_stanza_t *xd_iq_result(xmpp_stanza_t *iq);
+/* Build a stanza error (RFC 6120 8.3) in reply to st; the caller sends it. */
+xmpp_stanza_t *xd_error_reply(xmpp_stanza_t *st, const char *type, const char *condition,
+                              const char *text);
+/* Create an empty element <name xmlns='ns'/>. */
+xmpp_stanza_t *xd_stanza_new(const char *name, const char *ns);
+
+/* ---- accounts ------------------------------------------------------------ */
+
+/* 1 if the bare JID is a local account, 0 if not, -1 on storage error. */
+int xd_account_exists(const xd_jid *bare);
+/* Fetch SCRAM credentials (mech: XD_SCRAM_SHA1 or XD_SCRAM_SHA256). 0, XD_NOTFOUND, -1. */
+int xd_account_credentials(const xd_jid *bare, xd_scram_hash mech, xd_scram_creds *out);
+/* Check a plaintext password against the stored salted keys (PLAIN). 1 match, 0 no, -1. */
+int xd_account_check_password(const xd_jid *bare, const char *password);
+
+/* ---- settings and module state -------------------------------------------- */
+
+typedef enum xd_setting_type {
+    XD_SETTING_INT = 1,
+    XD_SETTING_BOOL,
+    XD_SETTING_STRING,
+    XD_SETTING_STRING_LIST
+} xd_setting_type;
+
+typedef struct xd_setting {
+    const char *name;
+    xd_setting_type type;
+} xd_setting;
+
+/*
+ * Read a setting from the module's config group.  Only declared settings
+ * exist; a key in the group that the module did not declare, or a value of
+ * the wrong type, stops the server at start-up with file:line.
+ */
+long long xd_config_int(const xd_module *m, const char *name, long long def);
+int xd_config_bool(const xd_module *m, const char *name, int def);
+const char *xd_config_string(const xd_module *m, const char *name, const char *def);
+int xd_config_list_count(const xd_module *m, const char *name);
+const char *xd_config_list_item(const xd_module *m, const char *name, int i);
+/* Report a bad value: logged with the module's name and the setting's file:line. */
+void xd_config_error(const xd_module *m, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+const char *xd_module_name(const xd_module *m);
+void *xd_module_get_data(const xd_module *m);
+void xd_module_set_data(xd_module *m, void *data);
+
+/* Core limits a module may tune (mod_c2s sets the client stanza size). */
+void xd_stream_set_max_stanza_size(xd_stream_type type, size_t bytes);
+
+/* Timers on the server's event loop. */
+typedef struct xd_timer xd_timer;
+typedef void (*xd_timer_fn)(void *data);
+xd_timer *xd_timer_start(xd_module *m, double seconds, double repeat, xd_timer_fn fn, void *data);
+void xd_timer_stop(xd_timer *t);
+
+/* ---- the descriptor ------------------------------------------------------ */
+
+typedef struct xd_module_desc {
+    unsigned abi;                /* XD_MODULE_ABI at build time */
+    const char *name;            /* must match the file name: mod_<name>.so */
+    const xd_setting *settings;  /* declared settings, ended by {NULL, 0}; may be NULL */
+    int (*load)(xd_module *m);   /* register hooks, read settings. 0 ok, -1 refuse */
+    void (*unload)(xd_module *m); /* free what load made (hooks are removed by the core) */
+} xd_module_desc;
+
+#define XD_MODULE_SYMBOL_PREFIX "xd_module_"
+#define XD_MODULE(n) const xd_module_desc xd_module_##n
+
+#ifdef __cplusplus
+}
+#endif
+#endif

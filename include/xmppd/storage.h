@@ -1,0 +1,42 @@
+/*
+ * Storage: one Berkeley DB transactional environment in data_dir, seen by
+ * modules as named key/value tables with transactions.  Keys and values are
+ * opaque bytes.  Functions return 0 ok, XD_NOTFOUND, or -1 (logged).
+ */
+#ifndef XMPPD_STORAGE_H
+#define XMPPD_STORAGE_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define XD_NOTFOUND 1
+
+typedef struct xd_db xd_db;   /* a named table; lives until the store closes */
+typedef struct xd_txn xd_txn; /* a transaction; NULL means autocommit */
+
+/* Open (creating if needed) the named table. NULL on error. */
+xd_db *xd_db_open(const char *name);
+
+int xd_txn_begin(xd_txn **txn);
+int xd_txn_commit(xd_txn *txn);  /* durable when it returns 0 */
+void xd_txn_abort(xd_txn *txn);
+
+/* *val is malloc'd (caller frees), with a NUL after the bytes for convenience. */
+int xd_db_get(xd_db *db, xd_txn *txn, const void *key, size_t klen, void **val, size_t *vlen);
+int xd_db_put(xd_db *db, xd_txn *txn, const void *key, size_t klen, const void *val, size_t vlen);
+int xd_db_del(xd_db *db, xd_txn *txn, const void *key, size_t klen);
+
+/* Visit every record whose key starts with prefix (all when plen == 0), in key
+ * order.  fn returns 0 to go on, non-zero to stop (that value is returned). */
+typedef int (*xd_db_visit_fn)(const void *key, size_t klen, const void *val, size_t vlen,
+                              void *data);
+int xd_db_foreach(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, xd_db_visit_fn fn,
+                  void *data);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

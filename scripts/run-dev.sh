@@ -1,0 +1,20 @@
+#!/bin/sh
+# Install what is missing, build, make a development certificate for
+# localhost and run xmppd in the foreground on the sample config (ports 5222
+# STARTTLS and 5223 direct TLS, storage in build/dev/data).
+set -eu
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+[ -d build ] || meson setup build
+ninja -C build
+dev=$PWD/build/dev
+scripts/dev-cert.sh "$dev"
+# The sample config, pointed at the build tree.
+sed -e "s|^data_dir *=.*|data_dir = \"$dev/data\";|" \
+    -e "s|^# module_dir *=.*|module_dir = \"$PWD/build/modules\";|" \
+    -e "s|cert = \"[^\"]*\"|cert = \"$dev/localhost.crt\"|" \
+    -e "s|key = \"[^\"]*\"|key = \"$dev/localhost.key\"|" \
+    config/xmppd.cfg >"$dev/xmppd.cfg"
+build/xmppd --check-config "$dev/xmppd.cfg"
+echo "run-dev: add an account with: build/xmppctl --config $dev/xmppd.cfg adduser you@localhost"
+exec build/xmppd --config "$dev/xmppd.cfg"
