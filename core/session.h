@@ -5,8 +5,8 @@
 #include <netinet/in.h>
 
 #include "server.h"
+#include "xmlstream.h"
 
-#define XD_DEPTH_MAX 48          /* deepest element nesting we accept */
 #define XD_OUT_MAX (4u << 20)    /* bytes queued for a slow reader before we give up */
 #define XD_READ_CHUNK 16384
 
@@ -32,24 +32,11 @@ struct xd_session {
     char *out;
     size_t out_off, out_len, out_cap;
 
-    /* input: the chunk being parsed (expat may be suspended inside it) */
+    /* input: the chunk being parsed (the parser may be suspended inside it) */
     char in[XD_READ_CHUNK];
     size_t in_len;
-    long long chunk_base; /* parser byte index where `in` starts */
     unsigned in_pending : 1, suspended : 1;
-
-    /* parser */
-    XML_Parser parser;
-    int depth;
-    xmpp_stanza_t *stack[XD_DEPTH_MAX + 1];
-    char *text;
-    size_t text_len, text_cap;
-    xmpp_stanza_t *ready;    /* a complete top-level element to dispatch */
-    const char *err_cond;    /* stream error chosen by a parser callback */
-    long long fed;           /* bytes fed to the current parser */
-    long long mark;          /* parser index where the current stanza (or gap) began */
-    long long consumed;      /* parser index just past the last complete element */
-    char *stream_ns;         /* default namespace of the stream header */
+    xd_xmlstream *xs;
 
     /* stream state */
     unsigned header_sent : 1, header_received : 1, authenticated : 1, bound : 1, closing : 1,

@@ -1,0 +1,432 @@
+/*
+ * The XML stream parser.  expat, with namespace processing, builds one
+ * libstrophe stanza per top-level element and suspends after each, so the
+ * caller can act (and restart the stream for STARTTLS or SASL) at exactly
+ * the byte where the element ended.  Restricted XML (RFC 6120 11.1: DTDs,
+ * entity declarations, comments, processing instructions) is refused; the
+ * size of a stanza, the depth of elements and what expat buffers for an
+ * unfinished token are bounded.
+ */
+#include <expat.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "xmlstream.h"
+
+#define NS_STREAMS "http://etherx.jabber.org/streams"
+#define NS_XML "http://www.w3.org/XML/1998/namespace"
+#define SEP '\x01'         /* between namespace URI, local name and prefix */
+#define DEPTH_MAX 48       /* deepest element nesting accepted */
+#define NAME_MAX_LEN 1024  /* longest element or attribute name */
+
+struct xd_xmlstream {
+    XML_Parser p;
+    xmpp_ctx_t *ctx;
+    const xd_xmlstream_cb *cb;
+    void *ud;
+    size_t max;
+    int depth;                        /* 1 inside the stream, 2 for a stanza */
+    xmpp_stanza_t *stack[DEPTH_MAX + 2];
+    char *text;                       /* character data not yet attached */
+    size_t text_len, text_cap;
+    xmpp_stanza_t *ready;             /* complete element waiting for the callback */
+    const char *err;                  /* stream error chosen inside a handler */
+    int closed;
+    char *stream_ns;
+    long long fed;                    /* bytes fed to this parser */
+    long long chunk_base;             /* parser index where the current data starts */
+    long long mark;                   /* where the current stanza (or gap) began */
+    long long consumed;               /* just past the last complete element */
+};
+
+static void
+fail(xd_xmlstream *x, const char *cond)
+{
+    if (!x->err)
+        x->err = cond;
+    XML_StopParser(x->p, XML_FALSE);
+}
+
+static int
+over_limit(xd_xmlstream *x)
+{
+    return XML_GetCurrentByteIndex(x->p) - x->mark > (long long)x->max;
+}
+
+static int
+text_flush(xd_xmlstream *x)
+{
+    xmpp_stanza_t *t;
+    if (!x->text_len || x->depth < 2)
+        return 0;
+    if (!(t = xmpp_stanza_new(x->ctx)))
+        return -1;
+    if (xmpp_stanza_set_text_with_size(t, x->text, x->text_len) != XMPP_EOK) {
+        xmpp_stanza_release(t);
+        return -1;
+    }
+    xmpp_stanza_add_child_ex(x->stack[x->depth], t, 0);
+    x->text_len = 0;
+    return 0;
+}
+
+/* The namespace in effect for children of the element at depth d. */
+static const char *
+ns_at(xd_xmlstream *x, int d)
+{
+    for (; d >= 2; d--) {
+        const char *ns = xmpp_stanza_get_ns(x->stack[d]);
+        if (ns)
+            return ns;
+    }
+    return x->stream_ns ? x->stream_ns : "";
+}
+
+/* Split "uri SEP local [SEP prefix]" (or a plain "local") in place. */
+static void
+split_name(char *buf, const char **uri, const char **local, const char **prefix)
+{
+    char *a = strchr(buf, SEP), *b;
+    *prefix = NULL;
+    if (!a) {
+        *uri = NULL;
+        *local = buf;
+        return;
+    }
+    *a++ = '\0';
+    *uri = buf;
+    *local = a;
+    if ((b = strchr(a, SEP))) {
+        *b++ = '\0';
+        *prefix = b;
+    }
+}
+
+static int
+set_attributes(xd_xmlstream *x, xmpp_stanza_t *st, const char **attrs)
+{
+    char buf[NAME_MAX_LEN], name[NAME_MAX_LEN + 16], decl[NAME_MAX_LEN + 16];
+    for (; attrs[0]; attrs += 2) {
+        const char *uri, *local, *prefix;
+        if (strlen(attrs[0]) >= sizeof(buf)) {
+            fail(x, "policy-violation");
+            return -1;
+        }
+        strcpy(buf, attrs[0]);
+        split_name(buf, &uri, &local, &prefix);
+        if (!uri) {
+            xmpp_stanza_set_attribute(st, local, attrs[1]);
+        } else if (strcmp(uri, NS_XML) == 0) {
+            snprintf(name, sizeof(name), "xml:%s", local);
+            xmpp_stanza_set_attribute(st, name, attrs[1]);
+        } else {
+            /* A namespaced attribute keeps its prefix, declared on the element. */
+            if (!prefix)
+                prefix = "ns1";
+            snprintf(name, sizeof(name), "%s:%s", prefix, local);
+            snprintf(decl, sizeof(decl), "xmlns:%s", prefix);
+            xmpp_stanza_set_attribute(st, name, attrs[1]);
+            xmpp_stanza_set_attribute(st, decl, uri);
+        }
+    }
+    return 0;
+}
+
+static void
+stream_header(xd_xmlstream *x, const char *uri, const char *local, const char **attrs)
+{
+    const char *err;
+    if (!uri || strcmp(uri, NS_STREAMS) != 0 || strcmp(local, "stream") != 0) {
+        fail(x, "invalid-namespace");
+        return;
+    }
+    x->depth = 1;
+    x->mark = XML_GetCurrentByteIndex(x->p) + XML_GetCurrentByteCount(x->p);
+    if ((err = x->cb->open(x->ud, attrs, x->stream_ns)))
+        fail(x, err);
+}
+
+static void XMLCALL
+on_start(void *ud, const char *name, const char **attrs)
+{
+    xd_xmlstream *x = ud;
+    char buf[NAME_MAX_LEN];
+    const char *uri, *local, *prefix;
+    xmpp_stanza_t *st;
+
+    if (x->err)
+        return;
+    if (strlen(name) >= sizeof(buf)) {
+        fail(x, "policy-violation");
+        return;
+    }
+    strcpy(buf, name);
+    split_name(buf, &uri, &local, &prefix);
+    if (x->depth == 0) {
+        stream_header(x, uri, local, attrs);
+        return;
+    }
+    if (x->depth > DEPTH_MAX) {
+        fail(x, "policy-violation");
+        return;
+    }
+    if (x->depth == 1)
+        x->mark = XML_GetCurrentByteIndex(x->p);
+    else if (over_limit(x)) {
+        fail(x, "policy-violation");
+        return;
+    }
+    if (text_flush(x) != 0 || !(st = xmpp_stanza_new(x->ctx))) {
+        fail(x, "internal-server-error");
+        return;
+    }
+    if (uri && strcmp(uri, NS_STREAMS) == 0) {
+        /* <stream:features/>, <stream:error/>: keep the prefix */
+        char pname[NAME_MAX_LEN + 8];
+        snprintf(pname, sizeof(pname), "stream:%s", local);
+        xmpp_stanza_set_name(st, pname);
+    } else {
+        xmpp_stanza_set_name(st, local);
+        if (uri && (x->depth == 1 || strcmp(uri, ns_at(x, x->depth)) != 0))
+            xmpp_stanza_set_ns(st, uri);
+        else if (!uri && *ns_at(x, x->depth))
+            xmpp_stanza_set_ns(st, ""); /* xmlns='' undeclares the default */
+    }
+    if (set_attributes(x, st, attrs) != 0) {
+        xmpp_stanza_release(st);
+        return;
+    }
+    if (x->depth > 1)
+        xmpp_stanza_add_child_ex(x->stack[x->depth], st, 0);
+    x->stack[++x->depth] = st;
+}
+
+static void XMLCALL
+on_end(void *ud, const char *name)
+{
+    xd_xmlstream *x = ud;
+    (void)name;
+    if (x->err)
+        return;
+    if (x->depth == 1) {
+        x->depth = 0;
+        x->closed = 1;
+        XML_StopParser(x->p, XML_FALSE);
+        return;
+    }
+    if (text_flush(x) != 0) {
+        fail(x, "internal-server-error");
+        return;
+    }
+    if (--x->depth == 1) {
+        x->consumed = XML_GetCurrentByteIndex(x->p) + XML_GetCurrentByteCount(x->p);
+        if (x->consumed - x->mark > (long long)x->max) {
+            fail(x, "policy-violation");
+            return;
+        }
+        x->ready = x->stack[2];
+        x->stack[2] = NULL;
+        x->mark = x->consumed;
+        XML_StopParser(x->p, XML_TRUE);
+    }
+}
+
+static void XMLCALL
+on_text(void *ud, const char *text, int len)
+{
+    xd_xmlstream *x = ud;
+    if (x->err || x->depth < 2)
+        return; /* whitespace between stanzas is a keepalive */
+    if (over_limit(x)) {
+        fail(x, "policy-violation");
+        return;
+    }
+    if (x->text_len + (size_t)len > x->text_cap) {
+        size_t cap = x->text_cap ? x->text_cap : 256;
+        char *p;
+        while (cap < x->text_len + (size_t)len)
+            cap *= 2;
+        if (!(p = realloc(x->text, cap))) {
+            fail(x, "internal-server-error");
+            return;
+        }
+        x->text = p;
+        x->text_cap = cap;
+    }
+    memcpy(x->text + x->text_len, text, (size_t)len);
+    x->text_len += (size_t)len;
+}
+
+static void XMLCALL
+on_ns_start(void *ud, const char *prefix, const char *uri)
+{
+    xd_xmlstream *x = ud;
+    if (x->depth == 0 && !prefix && uri && !x->stream_ns)
+        x->stream_ns = strdup(uri);
+}
+
+static void XMLCALL
+on_doctype(void *ud, const char *name, const char *sysid, const char *pubid, int internal)
+{
+    (void)name, (void)sysid, (void)pubid, (void)internal;
+    fail(ud, "restricted-xml");
+}
+
+static void XMLCALL
+on_entity(void *ud, const char *name, int pe, const char *value, int vlen, const char *base,
+          const char *sysid, const char *pubid, const char *notation)
+{
+    (void)name, (void)pe, (void)value, (void)vlen, (void)base, (void)sysid, (void)pubid,
+        (void)notation;
+    fail(ud, "restricted-xml");
+}
+
+static void XMLCALL
+on_comment(void *ud, const char *data)
+{
+    (void)data;
+    fail(ud, "restricted-xml");
+}
+
+static void XMLCALL
+on_pi(void *ud, const char *target, const char *data)
+{
+    (void)target, (void)data;
+    fail(ud, "restricted-xml");
+}
+
+static void
+drop_tree(xd_xmlstream *x)
+{
+    if (x->stack[2]) /* an unfinished stanza; deeper entries are its children */
+        xmpp_stanza_release(x->stack[2]);
+    if (x->ready)
+        xmpp_stanza_release(x->ready);
+    memset(x->stack, 0, sizeof(x->stack));
+    x->ready = NULL;
+    x->depth = 0;
+    x->text_len = 0;
+}
+
+int
+xd_xmlstream_restart(xd_xmlstream *x)
+{
+    if (x->p)
+        XML_ParserFree(x->p);
+    drop_tree(x);
+    free(x->stream_ns);
+    x->stream_ns = NULL;
+    x->err = NULL;
+    x->closed = 0;
+    x->fed = x->chunk_base = x->mark = x->consumed = 0;
+    x->p = XML_ParserCreateNS("UTF-8", SEP);
+    if (!x->p)
+        return -1;
+    XML_SetReturnNSTriplet(x->p, 1);
+    XML_SetUserData(x->p, x);
+    XML_SetElementHandler(x->p, on_start, on_end);
+    XML_SetCharacterDataHandler(x->p, on_text);
+    XML_SetStartNamespaceDeclHandler(x->p, on_ns_start);
+    XML_SetStartDoctypeDeclHandler(x->p, on_doctype);
+    XML_SetEntityDeclHandler(x->p, on_entity);
+    XML_SetCommentHandler(x->p, on_comment);
+    XML_SetProcessingInstructionHandler(x->p, on_pi);
+    XML_SetParamEntityParsing(x->p, XML_PARAM_ENTITY_PARSING_NEVER);
+    return 0;
+}
+
+xd_xmlstream *
+xd_xmlstream_new(xmpp_ctx_t *ctx, const xd_xmlstream_cb *cb, void *ud)
+{
+    xd_xmlstream *x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->ctx = ctx;
+    x->cb = cb;
+    x->ud = ud;
+    x->max = 262144;
+    if (xd_xmlstream_restart(x) != 0) {
+        free(x);
+        return NULL;
+    }
+    return x;
+}
+
+void
+xd_xmlstream_free(xd_xmlstream *x)
+{
+    if (!x)
+        return;
+    if (x->p)
+        XML_ParserFree(x->p);
+    drop_tree(x);
+    free(x->text);
+    free(x->stream_ns);
+    free(x);
+}
+
+void
+xd_xmlstream_set_max(xd_xmlstream *x, size_t bytes)
+{
+    x->max = bytes;
+}
+
+const char *
+xd_xmlstream_error(const xd_xmlstream *x)
+{
+    return x->err ? x->err : "not-well-formed";
+}
+
+/* Hand each suspended element to the callback until the data is used up. */
+static int
+run(xd_xmlstream *x, enum XML_Status st, size_t *used)
+{
+    for (;;) {
+        if (st == XML_STATUS_ERROR) {
+            if (x->closed)
+                return XD_XS_CLOSED;
+            if (!x->err && XML_GetErrorCode(x->p) == XML_ERROR_UNBOUND_PREFIX)
+                x->err = "bad-namespace-prefix";
+            return XD_XS_ERROR;
+        }
+        if (st == XML_STATUS_SUSPENDED) {
+            xmpp_stanza_t *el = x->ready;
+            x->ready = NULL;
+            *used = (size_t)(x->consumed - x->chunk_base);
+            if (el && x->cb->element(x->ud, el))
+                return XD_XS_STOPPED;
+            st = XML_ResumeParser(x->p);
+            continue;
+        }
+        /* All parsed.  Bound what expat keeps for a token that has not
+         * ended yet (a giant start tag, say). */
+        *used = (size_t)(x->fed - x->chunk_base);
+        if (x->fed - x->mark > (long long)x->max) {
+            x->err = "policy-violation";
+            return XD_XS_ERROR;
+        }
+        return XD_XS_DONE;
+    }
+}
+
+int
+xd_xmlstream_feed(xd_xmlstream *x, const char *data, size_t len, size_t *used)
+{
+    size_t dummy;
+    if (!used)
+        used = &dummy;
+    *used = 0;
+    if (len > (size_t)1 << 30)
+        return XD_XS_ERROR;
+    x->chunk_base = x->fed;
+    x->fed += (long long)len;
+    return run(x, XML_Parse(x->p, data, (int)len, 0), used);
+}
+
+int
+xd_xmlstream_resume(xd_xmlstream *x, size_t *used)
+{
+    size_t dummy;
+    return run(x, XML_ResumeParser(x->p), used ? used : &dummy);
+}
