@@ -270,6 +270,13 @@ deliver_message_bare(xd_session *head, xmpp_stanza_t *st)
         xd_bounce(st, "cancel", "service-unavailable", NULL);
 }
 
+/* Is there such an account?  A bound session answers without storage. */
+static int
+account_exists(const xd_jid *to, xd_session *head)
+{
+    return head ? 1 : xd_account_exists(to);
+}
+
 static void
 deliver_local(xd_event *ev, xmpp_stanza_t *st)
 {
@@ -280,12 +287,6 @@ deliver_local(xd_event *ev, xmpp_stanza_t *st)
 
     if (xd_hooks_run(XD_HOOK_DELIVER_LOCAL, ev) != XD_PASS)
         return;
-    exists = xd_account_exists(ev->to);
-    if (exists != 1) {
-        if (strcmp(name, "presence") != 0)
-            xd_bounce(st, "cancel", "service-unavailable", NULL);
-        return;
-    }
     if (ev->to->resource[0] && xd_jid_format(ev->to, 1, key, sizeof(key)) >= 0)
         target = xd_router_find_full(key);
     if (target) {
@@ -295,6 +296,14 @@ deliver_local(xd_event *ev, xmpp_stanza_t *st)
     if (xd_jid_format(ev->to, 0, key, sizeof(key)) < 0)
         return;
     head = xd_hashtab_get(xd_srv.bare_jids, key);
+    exists = account_exists(ev->to, head);
+    if (exists != 1) {
+        /* RFC 6121 8.5.1: no such user.  Presence is dropped silently. */
+        if (strcmp(name, "presence") != 0)
+            xd_bounce(st, exists < 0 ? "wait" : "cancel",
+                      exists < 0 ? "internal-server-error" : "service-unavailable", NULL);
+        return;
+    }
     if (!strcmp(name, "message")) {
         if (type_is(st, "groupchat") || type_is(st, "error")) {
             xd_bounce(st, "cancel", "service-unavailable", NULL);
