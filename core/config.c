@@ -37,6 +37,41 @@ conf_error(const xd_config *c, const config_setting_t *st, const char *fmt, ...)
     fputc('\n', stderr);
 }
 
+/*
+ * libconfig gives a scalar inside a list the line of the token after it, so
+ * the last entry of a list written one per line is reported a line late.
+ * Find the line that really holds the quoted value: the last one at or
+ * before the reported line.
+ */
+int
+xd_config_entry_line(const xd_config *c, const config_setting_t *e)
+{
+    int reported = (int)config_setting_source_line(e), best = reported, line = 1;
+    const char *val = config_setting_get_string(e);
+    char needle[300], buf[4096];
+    FILE *f;
+
+    if (!val || snprintf(needle, sizeof(needle), "\"%s\"", val) >= (int)sizeof(needle) ||
+        !(f = fopen(c->path, "r")))
+        return reported;
+    while (line <= reported && fgets(buf, sizeof(buf), f)) {
+        if (strstr(buf, needle))
+            best = line;
+        if (strchr(buf, '\n'))
+            line++;
+    }
+    fclose(f);
+    return best;
+}
+
+static void
+entry_error(const xd_config *c, const config_setting_t *e, const char *fmt, const char *arg)
+{
+    fprintf(stderr, "%s:%d: ", c->path, xd_config_entry_line(c, e));
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+}
+
 static int
 in_list(const char *const *list, const char *name)
 {
@@ -203,12 +238,12 @@ load_modules_list(xd_config *c)
         config_setting_t *e = config_setting_get_elem(c->modules, i);
         const char *name = config_setting_get_string(e);
         if (!name || !*name || strspn(name, "abcdefghijklmnopqrstuvwxyz0123456789_") != strlen(name)) {
-            conf_error(c, e, "module names are lowercase letters, digits and '_'");
+            entry_error(c, e, "module names are lowercase letters, digits and '_'%s", "");
             return -1;
         }
         for (int j = 0; j < i; j++)
             if (strcmp(config_setting_get_string_elem(c->modules, j), name) == 0) {
-                conf_error(c, e, "module '%s' is listed twice", name);
+                entry_error(c, e, "module '%s' is listed twice", name);
                 return -1;
             }
     }
@@ -234,7 +269,12 @@ load_log_level(xd_config *c)
     int b = 0;
 
     c->log_level = XD_LOG_INFO;
-    if (config_lookup_string(&c->cfg, "log_level", &lvl)) {
+    if (config_lookup(&c->cfg, "log_level") && !config_lookup_string(&c->cfg, "log_level", &lvl)) {
+        conf_error(c, config_lookup(&c->cfg, "log_level"),
+                   "log_level must be a string: \"error\", \"warn\", \"info\" or \"debug\"");
+        return -1;
+    }
+    if (lvl) {
         for (c->log_level = 0; names[c->log_level]; c->log_level++)
             if (strcasecmp(names[c->log_level], lvl) == 0)
                 break;

@@ -121,7 +121,7 @@ xd_modules_load(void)
 
     for (int i = 0; i < n; i++) {
         config_setting_t *e = config_setting_get_elem(list, i);
-        if (load_one(config_setting_get_string(e), config_setting_source_line(e)))
+        if (load_one(config_setting_get_string(e), xd_config_entry_line(&xd_srv.conf, e)))
             return -1;
     }
     if (xd_config_check_modules(&xd_srv.conf))

@@ -18,6 +18,28 @@ set_nonblock(int fd)
 }
 
 static void
+retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    xd_listener *l = w->data;
+    (void)revents;
+    if (l->fd >= 0)
+        ev_io_start(loop, &l->io);
+}
+
+/* Out of descriptors: the socket stays readable, so stop watching it for a
+ * moment instead of spinning (and logging) until one is free. */
+static void
+accept_pause(xd_listener *l)
+{
+    xd_warn("listener %s:%d: out of file descriptors (%d sessions); pausing accept for 1 s",
+            l->address, l->port, xd_srv.nsessions);
+    ev_io_stop(xd_srv.loop, &l->io);
+    ev_timer_stop(xd_srv.loop, &l->retry);
+    ev_timer_set(&l->retry, 1., 0.);
+    ev_timer_start(xd_srv.loop, &l->retry);
+}
+
+static void
 accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     xd_listener *l = w->data;
@@ -30,7 +52,10 @@ accept_cb(struct ev_loop *loop, ev_io *w, int revents)
         int one = 1;
         int fd = accept4(l->fd, (struct sockaddr *)&sa, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                accept_pause(l);
+            else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                     errno != ECONNABORTED)
                 xd_warn("listener %s:%d: accept: %s", l->address, l->port, strerror(errno));
             return;
         }
@@ -72,6 +97,8 @@ open_one(xd_listener *l)
     l->fd = fd;
     ev_io_init(&l->io, accept_cb, fd, EV_READ);
     l->io.data = l;
+    ev_timer_init(&l->retry, retry_cb, 1., 0.);
+    l->retry.data = l;
     ev_io_start(xd_srv.loop, &l->io);
     xd_info("listening on %s port %d (%s, %s)", l->address, l->port,
             l->type == XD_STREAM_C2S ? "c2s" : "s2s", l->tls == XD_TLS_DIRECT ? "direct TLS" : "STARTTLS");
@@ -101,6 +128,7 @@ xd_listeners_close(void)
         xd_listener *l = &xd_srv.conf.listeners[i];
         if (l->fd >= 0) {
             ev_io_stop(xd_srv.loop, &l->io);
+            ev_timer_stop(xd_srv.loop, &l->retry);
             close(l->fd);
             l->fd = -1;
         }

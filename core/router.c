@@ -192,6 +192,8 @@ xd_session_bind(xd_session *s, const char *resource)
     xd_session *old;
     xd_event ev = {.session = s};
 
+    if (s->dead || s->closing || s->bound)
+        return -1;
     if (resource && *resource) {
         if (xd_jid_prep_resource(res, sizeof(res), resource) != 0)
             return -1;
@@ -261,11 +263,13 @@ deliver_message_bare(xd_session *head, xmpp_stanza_t *st)
     for (xd_session *s = head; s; s = s->res_next)
         if (s->available && s->priority >= 0 && s->priority > best)
             best = s->priority;
-    for (xd_session *s = head; s; s = s->res_next)
+    for (xd_session *s = head, *next; s; s = next) {
+        next = s->res_next; /* a failed send unbinds s */
         if (s->available && s->priority >= 0 && (headline || s->priority == best)) {
             xd_session_send(s, xmpp_stanza_clone(st));
             n++;
         }
+    }
     if (n == 0 && !headline && !type_is(st, "error"))
         xd_bounce(st, "cancel", "service-unavailable", NULL);
 }
@@ -315,9 +319,11 @@ deliver_local(xd_event *ev, xmpp_stanza_t *st)
          * is dropped; for the bare JID it reaches every available resource. */
         if (ev->to->resource[0])
             return;
-        for (xd_session *s = head; s; s = s->res_next)
+        for (xd_session *s = head, *next; s; s = next) {
+            next = s->res_next; /* a failed send unbinds s */
             if (s->available)
                 xd_session_send(s, xmpp_stanza_clone(st));
+        }
     } else if (!strcmp(name, "iq")) {
         if (ev->to->resource[0])
             xd_bounce(st, "cancel", "service-unavailable", NULL);

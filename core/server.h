@@ -30,6 +30,7 @@ typedef struct xd_listener {
     int line;
     int fd;
     ev_io io;
+    ev_timer retry; /* accept paused after running out of descriptors */
 } xd_listener;
 
 /* Certificates for every host, reference counted so SIGHUP can swap them
@@ -102,6 +103,7 @@ int xd_config_load(xd_config *c, const char *path);
 int xd_config_check_modules(xd_config *c); /* settings of the loaded modules */
 void xd_config_free(xd_config *c);
 const xd_host *xd_config_host(const char *domain);
+int xd_config_entry_line(const xd_config *c, const config_setting_t *e);
 
 /* log.c */
 void xd_log_setup(int level, int use_syslog);

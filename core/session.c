@@ -297,10 +297,17 @@ xd_session_send_raw(xd_session *s, const char *data, size_t len)
 {
     if (s->dead)
         return -1;
-    if (s->out_len + len > XD_OUT_MAX) {
-        xd_warn("%s: peer is not reading; %zu bytes queued; closing", s->peer, s->out_len);
+    if (s->out_len - s->out_off + len > XD_OUT_MAX) {
+        xd_warn("%s: peer is not reading; %zu bytes queued; closing", s->peer,
+                s->out_len - s->out_off);
         xd_session_kill(s);
         return -1;
+    }
+    if (s->out_off >= 65536 && !s->tls_retry_len) {
+        /* Reclaim what was written so a busy stream's buffer does not creep. */
+        memmove(s->out, s->out + s->out_off, s->out_len - s->out_off);
+        s->out_len -= s->out_off;
+        s->out_off = 0;
     }
     if (s->out_len + len > s->out_cap) {
         size_t cap = s->out_cap ? s->out_cap : 4096;
@@ -408,6 +415,7 @@ xd_session_kill(xd_session *s)
 void
 xd_session_destroy(xd_session *s)
 {
+    xd_router_unbind(s); /* normally done at close; never leave freed keys in the tables */
     if (s->prev)
         s->prev->next = s->next;
     else

@@ -147,6 +147,8 @@ on_open(void *ud, const char **attrs, const char *ns)
     if (xd_hooks_run(XD_HOOK_STREAM_OPEN, &ev) == XD_DROP)
         return "policy-violation";
     send_features(s);
+    if (s->dead || s->closing)
+        return "internal-server-error"; /* stop parsing; nothing more is sent */
     return NULL;
 }
 
@@ -195,6 +197,10 @@ static int
 on_element(void *ud, xmpp_stanza_t *el)
 {
     xd_session *s = ud;
+    if (s->dead || s->closing) {
+        xmpp_stanza_release(el); /* the session ended while this was parsed */
+        return 1;
+    }
     dispatch(s, el);
     return s->restart || s->paused || s->closing || s->dead;
 }
@@ -228,6 +234,7 @@ do_restart(xd_session *s, size_t used)
 
     s->restart = XD_RESTART_NONE;
     s->header_received = 0;
+    s->header_sent = 0; /* the new stream needs its own header, even before an error */
     if (xd_xmlstream_restart(s->xs) != 0) {
         xd_session_kill(s);
         return;

@@ -38,6 +38,12 @@ struct xd_xmlstream {
     long long chunk_base;             /* parser index where the current data starts */
     long long mark;                   /* where the current stanza (or gap) began */
     long long consumed;               /* just past the last complete element */
+    const char *chunk;                /* the data being parsed */
+    size_t chunk_len;
+    char hist[16];                    /* the bytes fed just before chunk */
+    size_t hist_len;
+    char next_hist[16];               /* what hist becomes at the next feed */
+    size_t next_hist_len;
 };
 
 static void
@@ -236,8 +242,13 @@ static void XMLCALL
 on_text(void *ud, const char *text, int len)
 {
     xd_xmlstream *x = ud;
-    if (x->err || x->depth < 2)
-        return; /* whitespace between stanzas is a keepalive */
+    if (x->err)
+        return;
+    if (x->depth < 2) {
+        /* whitespace between stanzas is a keepalive: it starts no stanza */
+        x->mark = XML_GetCurrentByteIndex(x->p) + len;
+        return;
+    }
     if (over_limit(x)) {
         fail(x, "policy-violation");
         return;
@@ -320,6 +331,7 @@ xd_xmlstream_restart(xd_xmlstream *x)
     x->err = NULL;
     x->closed = 0;
     x->fed = x->chunk_base = x->mark = x->consumed = 0;
+    x->hist_len = x->next_hist_len = 0;
     x->p = XML_ParserCreateNS("UTF-8", SEP);
     if (!x->p)
         return -1;
@@ -333,6 +345,12 @@ xd_xmlstream_restart(xd_xmlstream *x)
     XML_SetCommentHandler(x->p, on_comment);
     XML_SetProcessingInstructionHandler(x->p, on_pi);
     XML_SetParamEntityParsing(x->p, XML_PARAM_ENTITY_PARSING_NEVER);
+#ifdef HAVE_XML_REPARSE_DEFERRAL
+    /* Deferral waits for more input before retrying an unfinished token; a
+     * stream header split over two reads would then sit unparsed while the
+     * peer waits for our answer. */
+    XML_SetReparseDeferralEnabled(x->p, XML_FALSE);
+#endif
     return 0;
 }
 
@@ -378,6 +396,50 @@ xd_xmlstream_error(const xd_xmlstream *x)
     return x->err ? x->err : "not-well-formed";
 }
 
+/* An expat error as an RFC 6120 stream error.  A DTD or entity declaration
+ * inside the stream is a syntax error to expat, restricted XML to us. */
+/* The byte at parser index i, if it is still at hand. */
+static int
+byte_at(const xd_xmlstream *x, long long i)
+{
+    long long off = i - x->chunk_base;
+    if (off >= 0)
+        return (size_t)off < x->chunk_len ? (unsigned char)x->chunk[off] : -1;
+    off += (long long)x->hist_len;
+    return off >= 0 ? (unsigned char)x->hist[off] : -1;
+}
+
+static const char *
+classify_error(xd_xmlstream *x)
+{
+    long long at = XML_GetCurrentByteIndex(x->p);
+    if (XML_GetErrorCode(x->p) == XML_ERROR_UNBOUND_PREFIX)
+        return "bad-namespace-prefix";
+    /* expat points at or just past the "<!" of a markup declaration */
+    for (int back = 0; back < 2 && byte_at(x, at) != '<'; back++)
+        at--;
+    if (byte_at(x, at) == '<' && byte_at(x, at + 1) == '!' && byte_at(x, at + 2) != '[')
+        return "restricted-xml";
+    return "not-well-formed";
+}
+
+/* The last bytes of (hist + data), for classify_error() during the next
+ * feed, when data itself may already be gone. */
+static void
+remember_tail(xd_xmlstream *x, const char *data, size_t len)
+{
+    size_t keep = sizeof(x->next_hist), from_hist;
+    if (len >= keep) {
+        memcpy(x->next_hist, data + len - keep, keep);
+        x->next_hist_len = keep;
+        return;
+    }
+    from_hist = x->hist_len < keep - len ? x->hist_len : keep - len;
+    memcpy(x->next_hist, x->hist + x->hist_len - from_hist, from_hist);
+    memcpy(x->next_hist + from_hist, data, len);
+    x->next_hist_len = from_hist + len;
+}
+
 /* Hand each suspended element to the callback until the data is used up. */
 static int
 run(xd_xmlstream *x, enum XML_Status st, size_t *used)
@@ -386,8 +448,8 @@ run(xd_xmlstream *x, enum XML_Status st, size_t *used)
         if (st == XML_STATUS_ERROR) {
             if (x->closed)
                 return XD_XS_CLOSED;
-            if (!x->err && XML_GetErrorCode(x->p) == XML_ERROR_UNBOUND_PREFIX)
-                x->err = "bad-namespace-prefix";
+            if (!x->err)
+                x->err = classify_error(x);
             return XD_XS_ERROR;
         }
         if (st == XML_STATUS_SUSPENDED) {
@@ -414,14 +476,21 @@ int
 xd_xmlstream_feed(xd_xmlstream *x, const char *data, size_t len, size_t *used)
 {
     size_t dummy;
+    int r;
     if (!used)
         used = &dummy;
     *used = 0;
     if (len > (size_t)1 << 30)
         return XD_XS_ERROR;
+    memcpy(x->hist, x->next_hist, x->next_hist_len);
+    x->hist_len = x->next_hist_len;
+    remember_tail(x, data, len);
     x->chunk_base = x->fed;
     x->fed += (long long)len;
-    return run(x, XML_Parse(x->p, data, (int)len, 0), used);
+    x->chunk = data;
+    x->chunk_len = len;
+    r = run(x, XML_Parse(x->p, data, (int)len, 0), used);
+    return r;
 }
 
 int

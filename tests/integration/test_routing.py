@@ -133,3 +133,18 @@ def test_sender_cannot_forge_from(raw):
                "</message>")
     got = stanza(bob, "message", "f1")
     assert re.search(rb"from=[\"']alice@localhost/a[\"']", got), got
+
+
+@pytest.mark.parametrize("after", ["starttls", "sasl"])
+def test_error_after_restart_comes_with_a_new_header(raw, after):
+    """RFC 6120 4.9.1.1: a stream error on the restarted stream is preceded by
+    that stream's header, even when the peer never sent its own."""
+    r = raw()
+    r.open_stream()
+    r.starttls()
+    if after == "sasl":
+        r.open_stream()
+        assert r.auth_scram("alice", USERS[ALICE])
+    r.send("<foo/>")
+    cond, data = r.expect_stream_error(("invalid-namespace", "not-well-formed"))
+    assert re.search(rb"<stream:stream\b[^>]*>.*<stream:error>", data, re.S), data
