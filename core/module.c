@@ -426,3 +426,66 @@ xd_timer_stop(xd_timer *t)
     ev_timer_stop(xd_srv.loop, &t->w);
     free(t);
 }
+
+/* ---- file descriptors --------------------------------------------------------- */
+
+struct xd_io {
+    ev_io w;
+    xd_module *owner;
+    xd_io_fn fn;
+    void *data;
+};
+
+static void
+io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    xd_io *io = (xd_io *)w;
+    (void)loop;
+    io->fn(w->fd, (revents & EV_READ ? XD_IO_READ : 0) | (revents & EV_WRITE ? XD_IO_WRITE : 0),
+           io->data);
+}
+
+static int
+ev_events(int events)
+{
+    return (events & XD_IO_READ ? EV_READ : 0) | (events & XD_IO_WRITE ? EV_WRITE : 0);
+}
+
+xd_io *
+xd_io_start(xd_module *m, int fd, int events, xd_io_fn fn, void *data)
+{
+    xd_io *io = calloc(1, sizeof(*io));
+    if (!io)
+        return NULL;
+    io->owner = m;
+    io->fn = fn;
+    io->data = data;
+    ev_io_init(&io->w, io_cb, fd, ev_events(events));
+    if (events)
+        ev_io_start(xd_srv.loop, &io->w);
+    return io;
+}
+
+void
+xd_io_set(xd_io *io, int events)
+{
+    ev_io_stop(xd_srv.loop, &io->w);
+    ev_io_set(&io->w, io->w.fd, ev_events(events));
+    if (events)
+        ev_io_start(xd_srv.loop, &io->w);
+}
+
+void
+xd_io_stop(xd_io *io)
+{
+    if (!io)
+        return;
+    ev_io_stop(xd_srv.loop, &io->w);
+    free(io);
+}
+
+double
+xd_now(void)
+{
+    return ev_now(xd_srv.loop);
+}

@@ -233,6 +233,15 @@ typedef void (*xd_timer_fn)(void *data);
 xd_timer *xd_timer_start(xd_module *m, double seconds, double repeat, xd_timer_fn fn, void *data);
 void xd_timer_stop(xd_timer *t);
 
+/* File descriptors on the server's event loop (a resolver's sockets, say). */
+enum { XD_IO_READ = 1, XD_IO_WRITE = 2 };
+typedef struct xd_io xd_io;
+typedef void (*xd_io_fn)(int fd, int events, void *data);
+xd_io *xd_io_start(xd_module *m, int fd, int events, xd_io_fn fn, void *data);
+void xd_io_set(xd_io *io, int events); /* change what is watched (0: nothing) */
+void xd_io_stop(xd_io *io);            /* stop and free; the fd is not closed */
+double xd_now(void);                   /* the loop's current time, in seconds */
+
 /* ---- the descriptor ------------------------------------------------------ */
 
 typedef struct xd_module_desc {
