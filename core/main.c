@@ -82,6 +82,8 @@ teardown(void)
     if (xd_srv.ctx)
         xmpp_ctx_free(xd_srv.ctx);
     xmpp_shutdown();
+    free(xd_srv.ca_file);
+    xd_srv.ca_file = NULL;
     xd_config_free(&xd_srv.conf);
 }
 

@@ -392,9 +392,9 @@ xd_route(xmpp_stanza_t *st)
 void
 xd_route_from(xd_session *s, xmpp_stanza_t *st)
 {
-    xd_jid to;
+    xd_jid to, from;
     xd_event ev = {.session = s, .stanza = st};
-    const char *t = xmpp_stanza_get_to(st);
+    const char *t = xmpp_stanza_get_to(st), *f = xmpp_stanza_get_from(st);
     char full[XD_JID_STR_MAX];
 
     if (s->type == XD_STREAM_C2S) {
@@ -405,6 +405,14 @@ xd_route_from(xd_session *s, xmpp_stanza_t *st)
         }
         xmpp_stanza_set_from(st, full);
         ev.from = &s->jid;
+    } else {
+        /* RFC 6120 8.1.2.2: a server stanza names its sender and recipient. */
+        if (!f || !t || xd_jid_parse(&from, f) != 0) {
+            xd_session_close(s, !f || !t ? "improper-addressing" : "invalid-from", NULL);
+            xmpp_stanza_release(st);
+            return;
+        }
+        ev.from = &from;
     }
     if (t) {
         if (xd_jid_parse(&to, t) != 0) {

@@ -36,7 +36,9 @@ typedef struct xd_listener {
 /* Certificates for every host, reference counted so SIGHUP can swap them
  * while streams opened under the old ones finish. */
 typedef struct xd_tls_creds {
-    gnutls_certificate_credentials_t cred;
+    gnutls_certificate_credentials_t cred;    /* server side: every host, SNI picks */
+    gnutls_certificate_credentials_t *client; /* outgoing s2s: one per host */
+    int nclient;
     int refs;
 } xd_tls_creds;
 
@@ -94,6 +96,8 @@ typedef struct xd_server {
     struct xd_session *sessions; /* every open stream, for shutdown */
     unsigned nsessions;
     int stopping;
+    char *ca_file;   /* trust for peer certificates; NULL: the system store */
+    int trust;       /* a module asked for peer verification */
 } xd_server;
 
 extern xd_server xd_srv; /* the one server object */
@@ -128,6 +132,7 @@ void xd_listeners_close(void);
 
 /* session.c */
 void xd_sessions_shutdown(void);
+int xd_tls_host_index(const char *domain);
 void xd_session_destroy(xd_session *s);
 
 /* router.c */

@@ -6,6 +6,9 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdio.h>
+#include <strings.h>
+#include <gnutls/x509.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -134,15 +137,36 @@ xd_session_new(const xd_listener *l, int fd, const struct sockaddr *sa, socklen_
 static int
 tls_setup(xd_session *s)
 {
-    int r = gnutls_init(&s->tls, GNUTLS_SERVER | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
+    int r, host;
+
+    r = gnutls_init(&s->tls, (s->initiator ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_NONBLOCK |
+                                 GNUTLS_NO_SIGNAL);
     if (r < 0)
         goto fail;
     s->creds = xd_srv.creds;
     s->creds->refs++;
-    if ((r = gnutls_priority_set(s->tls, xd_srv.priority)) < 0 ||
-        (r = gnutls_credentials_set(s->tls, GNUTLS_CRD_CERTIFICATE, s->creds->cred)) < 0)
+    if ((r = gnutls_priority_set(s->tls, xd_srv.priority)) < 0)
         goto fail;
-    gnutls_certificate_server_set_request(s->tls, GNUTLS_CERT_IGNORE);
+    if (s->initiator) {
+        /* Our certificate for this host (SASL EXTERNAL), SNI for theirs. */
+        host = xd_tls_host_index(s->host);
+        if (host < 0 || host >= s->creds->nclient) {
+            r = GNUTLS_E_INVALID_REQUEST;
+            goto fail;
+        }
+        if ((r = gnutls_credentials_set(s->tls, GNUTLS_CRD_CERTIFICATE, s->creds->client[host])) <
+                0 ||
+            (r = gnutls_server_name_set(s->tls, GNUTLS_NAME_DNS, s->remote, strlen(s->remote))) <
+                0)
+            goto fail;
+    } else {
+        if ((r = gnutls_credentials_set(s->tls, GNUTLS_CRD_CERTIFICATE, s->creds->cred)) < 0)
+            goto fail;
+        /* A peer server authenticates with its certificate; clients do not. */
+        gnutls_certificate_server_set_request(s->tls, s->type == XD_STREAM_S2S
+                                                          ? GNUTLS_CERT_REQUEST
+                                                          : GNUTLS_CERT_IGNORE);
+    }
     gnutls_transport_set_int(s->tls, s->fd);
     gnutls_handshake_set_timeout(s->tls, 0);
     s->tls_handshaking = 1;
@@ -187,6 +211,8 @@ xd_session_start_tls(xd_session *s)
         xd_debug("%s: TLS up: %s", s->peer, desc ? desc : "?");
         gnutls_free(desc);
     }
+    if (s->initiator)
+        xd_stream_send_header(s); /* the stream (re)starts on the encrypted channel */
     if (s->out_len)
         session_flush(s);
 }
@@ -374,6 +400,10 @@ xd_session_close(xd_session *s, const char *condition, const char *text)
 {
     if (s->dead || s->closing)
         return;
+    if (s->connecting) {
+        xd_session_kill(s); /* nothing was said yet */
+        return;
+    }
     if (condition)
         xd_info("%s: closing stream: %s%s%s", s->peer, condition, text ? ": " : "", text ? text : "");
     unbind(s);
@@ -404,6 +434,11 @@ xd_session_kill(xd_session *s)
         return;
     unbind(s);
     s->dead = 1;
+    if (!s->closed_hook_run) {
+        xd_event ev = {.session = s};
+        s->closed_hook_run = 1;
+        xd_hooks_run(XD_HOOK_STREAM_CLOSED, &ev);
+    }
     ev_io_stop(xd_srv.loop, &s->rio);
     ev_io_stop(xd_srv.loop, &s->wio);
     ev_timer_stop(xd_srv.loop, &s->timer);
@@ -601,4 +636,229 @@ xd_session_pause(xd_session *s, unsigned ms)
     ev_timer_stop(xd_srv.loop, &s->pause_timer);
     ev_timer_set(&s->pause_timer, ms / 1000., 0.);
     ev_timer_start(xd_srv.loop, &s->pause_timer);
+}
+
+/* ---- server-to-server ------------------------------------------------------------ */
+
+int
+xd_session_is_initiator(const xd_session *s)
+{
+    return s->initiator;
+}
+
+const char *
+xd_session_stream_from(const xd_session *s)
+{
+    return s->stream_from;
+}
+
+const char *
+xd_session_peer_domain(const xd_session *s)
+{
+    return s->peer_domain;
+}
+
+int
+xd_session_set_peer_authenticated(xd_session *s, const char *domain)
+{
+    xd_jid peer;
+    xd_event ev = {.session = s, .from = &peer};
+
+    memset(&peer, 0, sizeof(peer));
+    snprintf(peer.domain, sizeof(peer.domain), "%s", domain);
+    snprintf(s->peer_domain, sizeof(s->peer_domain), "%s", domain);
+    if (xd_hooks_run(XD_HOOK_S2S_AUTH, &ev) == XD_DROP) {
+        xd_info("%s: server %s refused by a module", s->peer, domain);
+        s->peer_domain[0] = '\0';
+        return -1;
+    }
+    s->authenticated = 1;
+    s->restart = XD_RESTART_STREAM;
+    ev_timer_stop(xd_srv.loop, &s->timer); /* negotiation is over */
+    xd_info("%s: server %s authenticated (SASL EXTERNAL) for %s", s->peer, domain, s->host);
+    return 0;
+}
+
+void
+xd_session_initiator_authenticated(xd_session *s)
+{
+    snprintf(s->peer_domain, sizeof(s->peer_domain), "%s", s->remote);
+    s->authenticated = 1;
+    s->restart = XD_RESTART_STREAM;
+    ev_timer_stop(xd_srv.loop, &s->timer);
+}
+
+static void
+connect_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    xd_session *s = w->data;
+    int err = 0;
+    socklen_t len = sizeof(err);
+    (void)revents;
+
+    ev_io_stop(loop, w);
+    if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+        err = errno;
+    if (err) {
+        xd_info("%s: connecting to %s failed: %s", s->peer, s->remote, strerror(err));
+        xd_session_kill(s);
+        return;
+    }
+    s->connecting = 0;
+    ev_io_init(&s->wio, write_cb, s->fd, EV_WRITE);
+    s->wio.data = s;
+    xd_debug("%s: connected to %s for %s", s->peer, s->remote, s->host);
+    if (s->direct_tls)
+        xd_session_start_tls(s);
+    else {
+        ev_io_start(loop, &s->rio);
+        xd_stream_send_header(s);
+    }
+}
+
+xd_session *
+xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
+               const struct sockaddr *sa, socklen_t len, int direct_tls)
+{
+    static const xd_listener outgoing = {.type = XD_STREAM_S2S, .tls = XD_TLS_STARTTLS};
+    xd_session *s;
+    int fd;
+    (void)m;
+
+    if (!xd_is_local_host(local_host) || len > sizeof(struct sockaddr_storage))
+        return NULL;
+    fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        xd_warn("s2s: socket: %s", strerror(errno));
+        return NULL;
+    }
+    if (connect(fd, sa, len) != 0 && errno != EINPROGRESS) {
+        xd_info("s2s: connecting to %s failed at once: %s", remote_domain, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    if (!(s = calloc(1, sizeof(*s)))) {
+        close(fd);
+        return NULL;
+    }
+    s->type = XD_STREAM_S2S;
+    s->listener = &outgoing;
+    s->fd = fd;
+    s->initiator = s->connecting = 1;
+    s->direct_tls = direct_tls != 0;
+    memcpy(&s->addr, sa, len);
+    snprintf(s->host, sizeof(s->host), "%s", local_host);
+    snprintf(s->remote, sizeof(s->remote), "%s", remote_domain);
+    format_peer(s);
+    if (xd_stream_init(s) != 0) {
+        close(fd);
+        free(s);
+        return NULL;
+    }
+    ev_io_init(&s->rio, read_cb, fd, EV_READ);
+    ev_io_init(&s->wio, connect_cb, fd, EV_WRITE);
+    s->rio.data = s->wio.data = s;
+    ev_timer_init(&s->timer, timeout_cb, xd_srv.conf.handshake_timeout, 0);
+    ev_timer_init(&s->pause_timer, pause_cb, 0, 0);
+    s->next = xd_srv.sessions;
+    if (s->next)
+        s->next->prev = s;
+    xd_srv.sessions = s;
+    xd_srv.nsessions++;
+    ev_io_start(xd_srv.loop, &s->wio);
+    ev_timer_start(xd_srv.loop, &s->timer);
+    return s;
+}
+
+/* ---- peer certificates (RFC 6125, RFC 7590) ----------------------------------------- */
+
+#define OID_SRV "1.3.6.1.5.5.7.8.7"
+
+/* An SRV-ID: otherName id-on-dnsSRV, an IA5String "_xmpp-server.domain". */
+static int
+srv_id_matches(gnutls_x509_crt_t crt, unsigned idx, const char *domain)
+{
+    char oid[128], val[1100];
+    size_t oidlen = sizeof(oid), len = sizeof(val);
+    unsigned char *v = (unsigned char *)val;
+    size_t n;
+
+    if (gnutls_x509_crt_get_subject_alt_othername_oid(crt, idx, oid, &oidlen) < 0 ||
+        strcmp(oid, OID_SRV) != 0 ||
+        gnutls_x509_crt_get_subject_alt_name(crt, idx, val, &len, NULL) < 0 || len < 2 ||
+        v[0] != 0x16 || v[1] >= 0x80)
+        return 0;
+    n = v[1];
+    if (n + 2 > len)
+        return 0;
+    return n == strlen("_xmpp-server.") + strlen(domain) &&
+           strncasecmp(val + 2, "_xmpp-server.", 13) == 0 &&
+           strncasecmp(val + 2 + 13, domain, strlen(domain)) == 0;
+}
+
+/* XmppAddr or SRV-ID naming domain, beside the DNS-ID GnuTLS checks. */
+static int
+othername_matches(gnutls_x509_crt_t crt, const char *domain)
+{
+    for (unsigned i = 0; i < 64; i++) {
+        char val[1100];
+        size_t len = sizeof(val) - 1;
+        int t = gnutls_x509_crt_get_subject_alt_name(crt, i, val, &len, NULL);
+        if (t == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+            break;
+        if (t == GNUTLS_SAN_OTHERNAME_XMPP) {
+            xd_jid j;
+            val[len] = '\0';
+            if (xd_jid_parse(&j, val) == 0 && !j.local[0] && !j.resource[0] &&
+                strcmp(j.domain, domain) == 0)
+                return 1;
+        } else if (t == GNUTLS_SAN_OTHERNAME && srv_id_matches(crt, i, domain))
+            return 1;
+    }
+    return 0;
+}
+
+int
+xd_session_verify_peer(xd_session *s, const char *domain, char *why, size_t whylen)
+{
+    const gnutls_datum_t *chain;
+    unsigned int n = 0, status = 0;
+    gnutls_x509_crt_t crt;
+    int ok, r;
+
+    snprintf(why, whylen, "ok");
+    if (!s->tls_up || !xd_srv.trust) {
+        snprintf(why, whylen, "%s", s->tls_up ? "no trust store configured" : "no TLS");
+        return 0;
+    }
+    chain = gnutls_certificate_get_peers(s->tls, &n);
+    if (!chain || n == 0) {
+        snprintf(why, whylen, "the peer presented no certificate");
+        return 0;
+    }
+    if ((r = gnutls_certificate_verify_peers2(s->tls, &status)) < 0) {
+        snprintf(why, whylen, "verification failed: %s", gnutls_strerror(r));
+        return 0;
+    }
+    if (status) {
+        gnutls_datum_t out;
+        if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
+            snprintf(why, whylen, "%s", out.data);
+            gnutls_free(out.data);
+        } else
+            snprintf(why, whylen, "certificate not trusted (status 0x%x)", status);
+        return 0;
+    }
+    if (gnutls_x509_crt_init(&crt) < 0)
+        return 0;
+    if (gnutls_x509_crt_import(crt, &chain[0], GNUTLS_X509_FMT_DER) < 0) {
+        gnutls_x509_crt_deinit(crt);
+        snprintf(why, whylen, "unreadable certificate");
+        return 0;
+    }
+    ok = gnutls_x509_crt_check_hostname2(crt, domain, 0) || othername_matches(crt, domain);
+    gnutls_x509_crt_deinit(crt);
+    if (!ok)
+        snprintf(why, whylen, "the certificate does not name %s", domain);
+    return ok;
 }

@@ -38,6 +38,12 @@ struct xd_session {
     unsigned in_pending : 1, suspended : 1;
     xd_xmlstream *xs;
 
+    /* server-to-server */
+    unsigned initiator : 1, connecting : 1, direct_tls : 1, closed_hook_run : 1;
+    char remote[XD_JID_PART_MAX + 1];      /* outgoing: the domain we connect to */
+    char stream_from[XD_JID_PART_MAX + 1]; /* incoming: 'from' of the peer's header */
+    char peer_domain[XD_JID_PART_MAX + 1]; /* authenticated peer domain */
+
     /* stream state */
     unsigned header_sent : 1, header_received : 1, authenticated : 1, bound : 1, closing : 1,
         dead : 1, paused : 1, available : 1;

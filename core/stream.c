@@ -45,6 +45,17 @@ xd_stream_send_header(xd_session *s)
     const char *from = s->host[0] ? s->host : xd_srv.conf.hosts[0].domain;
     int n;
 
+    if (s->initiator) {
+        /* RFC 6120 4.7: we open the stream, so we name both ends. */
+        n = snprintf(buf, sizeof(buf),
+                     "<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                     "xmlns:stream='" NS_STREAMS "' from='%s' to='%s' version='1.0'>",
+                     s->host, s->remote);
+        s->header_sent = 1;
+        if (n > 0 && (size_t)n < sizeof(buf))
+            xd_session_send_raw(s, buf, (size_t)n);
+        return;
+    }
     if (!s->id[0])
         new_stream_id(s);
     n = snprintf(buf, sizeof(buf),
@@ -118,21 +129,40 @@ send_features(xd_session *s)
 
 /* ---- the peer's side: parser callbacks -------------------------------------------- */
 
+/* The answer to a stream we opened: check it, say nothing. */
+static const char *
+initiator_open(xd_session *s, const char *ns, const char *version)
+{
+    s->header_received = 1;
+    if (!ns || strcmp(ns, "jabber:server") != 0)
+        return "invalid-namespace";
+    if (!version || atoi(version) < 1)
+        return "unsupported-version";
+    return NULL;
+}
+
 static const char *
 on_open(void *ud, const char **attrs, const char *ns)
 {
     xd_session *s = ud;
-    const char *to = NULL, *version = NULL;
+    const char *to = NULL, *from = NULL, *version = NULL;
     char host[XD_JID_PART_MAX + 1];
     xd_event ev = {.session = s};
 
     for (int i = 0; attrs[i]; i += 2) {
         if (strcmp(attrs[i], "to") == 0)
             to = attrs[i + 1];
+        else if (strcmp(attrs[i], "from") == 0)
+            from = attrs[i + 1];
         else if (strcmp(attrs[i], "version") == 0)
             version = attrs[i + 1];
     }
+    if (s->initiator)
+        return initiator_open(s, ns, version);
     s->header_received = 1;
+    if (s->type == XD_STREAM_S2S &&
+        (!from || xd_jid_prep_domain(s->stream_from, sizeof(s->stream_from), from) != 0))
+        s->stream_from[0] = '\0';
     new_stream_id(s);
     if (!to || xd_jid_prep_domain(host, sizeof(host), to) != 0 || !xd_is_local_host(host))
         return "host-unknown";
@@ -162,12 +192,44 @@ is_stanza(const xd_session *s, xmpp_stanza_t *st)
     return !strcmp(name, "message") || !strcmp(name, "presence") || !strcmp(name, "iq");
 }
 
+/* An outgoing stream before TLS: STARTTLS is ours to do, and mandatory. */
+static void
+initiator_pre_tls(xd_session *s, xmpp_stanza_t *st, const char *name, const char *ns)
+{
+    if (!strcmp(name, "stream:features")) {
+        if (xmpp_stanza_get_child_by_name_and_ns(st, "starttls", NS_TLS)) {
+            static const char req[] = "<starttls xmlns='" NS_TLS "'/>";
+            xd_session_send_raw(s, req, sizeof(req) - 1);
+        } else {
+            xd_warn("%s: %s does not offer STARTTLS; abandoning the stream", s->peer, s->remote);
+            xd_session_close(s, "policy-violation", "STARTTLS is required");
+        }
+    } else if (ns && !strcmp(name, "proceed") && !strcmp(ns, NS_TLS)) {
+        s->restart = XD_RESTART_TLS;
+    } else {
+        xd_warn("%s: %s refused STARTTLS (<%s/>)", s->peer, s->remote, name);
+        xd_session_close(s, "policy-violation", "STARTTLS is required");
+    }
+}
+
 static void
 dispatch(xd_session *s, xmpp_stanza_t *st)
 {
     const char *name = xmpp_stanza_get_name(st);
     const char *ns = xmpp_stanza_get_ns(st);
 
+    if (!name)
+        name = "";
+    if (s->initiator) {
+        if (!s->tls_up)
+            initiator_pre_tls(s, st, name, ns);
+        else if (is_stanza(s, st))
+            xd_session_close(s, "unsupported-stanza-type", "this stream is one-way");
+        else if (xd_element_dispatch(s, st) == XD_PASS)
+            xd_session_close(s, "unsupported-stanza-type", name);
+        xmpp_stanza_release(st);
+        return;
+    }
     if (!s->tls_up) {
         if (name && ns && !strcmp(name, "starttls") && !strcmp(ns, NS_TLS)) {
             xd_session_send_raw(s, PROCEED, sizeof(PROCEED) - 1);
@@ -251,6 +313,8 @@ do_restart(xd_session *s, size_t used)
             s->tls_start_after_flush = 1;
         return;
     }
+    if (s->initiator)
+        xd_stream_send_header(s); /* after SASL we speak first */
     /* SASL success: the next stream header may already be here. */
     if (used > s->in_len)
         used = s->in_len;

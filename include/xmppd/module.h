@@ -69,6 +69,7 @@ typedef enum xd_hook_id {
     XD_HOOK_DELIVER_REMOTE, /* to a domain that is not ours */
     XD_HOOK_SESSION_START,  /* a client resource was bound: session */
     XD_HOOK_SESSION_END,    /* a bound session is ending (still routable): session */
+    XD_HOOK_STREAM_CLOSED,  /* any stream is gone (connect failed, closed, killed): session */
     XD_HOOK_COUNT
 } xd_hook_id;
 
@@ -147,6 +148,37 @@ void xd_session_set_presence(xd_session *s, xmpp_stanza_t *presence);
 int xd_session_is_available(const xd_session *s);
 int xd_session_priority(const xd_session *s);
 xmpp_stanza_t *xd_session_presence(const xd_session *s); /* borrowed, NULL if none */
+
+/* ---- server-to-server streams --------------------------------------------- */
+
+/* 1 for a stream we opened (outgoing s2s), 0 for one a peer opened. */
+int xd_session_is_initiator(const xd_session *s);
+/* The 'from' domain a peer put in its stream header (prepared), or "". */
+const char *xd_session_stream_from(const xd_session *s);
+/* The peer domain authenticated on a server stream, or "". */
+const char *xd_session_peer_domain(const xd_session *s);
+/* An incoming server stream authenticated `domain` (SASL EXTERNAL): the
+ * stream restarts.  Runs XD_HOOK_S2S_AUTH; returns -1 if a hook refused. */
+int xd_session_set_peer_authenticated(xd_session *s, const char *domain);
+/* An outgoing stream got <success/>: mark it and restart it (a new header is sent). */
+void xd_session_initiator_authenticated(xd_session *s);
+/*
+ * Check the peer's TLS certificate: chain against the trust store, and
+ * identity per RFC 6125 / RFC 7590 for `domain` (DNS-ID with wildcards,
+ * SRV-ID _xmpp-server.domain, XmppAddr).  1 valid, 0 not (why says why).
+ */
+int xd_session_verify_peer(xd_session *s, const char *domain, char *why, size_t whylen);
+/* Trust store for peer certificates: a PEM file, or NULL for the system's. */
+int xd_tls_set_trust(const char *ca_file);
+/*
+ * Open an outgoing server stream from local_host to remote_domain at sa.
+ * With direct_tls, TLS starts at once (XEP-0368); otherwise STARTTLS is
+ * required and negotiated by the core.  After TLS, the peer's
+ * <stream:features/> reach the module's element handler for
+ * "http://etherx.jabber.org/streams".  XD_HOOK_STREAM_CLOSED tells when it ends.
+ */
+xd_session *xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
+                           const struct sockaddr *sa, socklen_t len, int direct_tls);
 
 /* Per-module data on a session; free_fn runs when the session is destroyed. */
 void *xd_session_get_data(const xd_session *s, const xd_module *m);
