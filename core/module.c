@@ -320,7 +320,12 @@ int
 xd_element_dispatch(xd_session *s, xmpp_stanza_t *el)
 {
     const char *ns = xmpp_stanza_get_ns(el);
-    element_entry *e = ns ? xd_hashtab_get(xd_srv.elements[xd_session_type(s)], ns) : NULL;
+    const char *name = xmpp_stanza_get_name(el);
+    element_entry *e;
+
+    if (!ns && name && strncmp(name, "stream:", 7) == 0)
+        ns = "http://etherx.jabber.org/streams"; /* the parser keeps the stream: prefix */
+    e = ns ? xd_hashtab_get(xd_srv.elements[xd_session_type(s)], ns) : NULL;
     return e ? e->fn(s, el, e->data) : XD_PASS;
 }
 

@@ -725,7 +725,7 @@ xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
     int fd;
     (void)m;
 
-    if (!xd_is_local_host(local_host) || len > sizeof(struct sockaddr_storage))
+    if (xd_srv.stopping || !xd_is_local_host(local_host) || len > sizeof(struct sockaddr_storage))
         return NULL;
     fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {

@@ -5,7 +5,7 @@ set -eu
 
 PKGS="meson ninja-build pkg-config gcc libc6-dev
 libev-dev libgnutls28-dev libexpat1-dev libstrophe-dev libdb5.3-dev libconfig-dev
-libidn2-dev libunistring-dev libcmocka-dev
+libidn2-dev libunistring-dev libcmocka-dev libc-ares-dev
 gnutls-bin python3 python3-slixmpp python3-pytest"
 
 missing=""
