@@ -6,7 +6,8 @@ set -eu
 PKGS="meson ninja-build pkg-config gcc libc6-dev
 libev-dev libgnutls28-dev libexpat1-dev libstrophe-dev libdb5.3-dev libconfig-dev
 libidn2-dev libunistring-dev libcmocka-dev libc-ares-dev
-gnutls-bin python3 python3-slixmpp python3-pytest"
+gnutls-bin python3 python3-slixmpp python3-pytest
+dnsmasq-base prosody ejabberd util-linux"
 
 missing=""
 for p in $PKGS; do
@@ -21,3 +22,10 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -qq --no-install-recommends $missing
+# The tests start their own Prosody and ejabberd; the packaged services are
+# not wanted (they would hold 5222/5269 on every address).
+for svc in prosody ejabberd; do
+    case " $missing " in
+    *" $svc "*) $SUDO service "$svc" stop >/dev/null 2>&1 || true ;;
+    esac
+done

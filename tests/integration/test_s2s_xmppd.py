@@ -1,0 +1,360 @@
+"""
+xmppd in the federation: real Prosody and ejabberd peers, a second xmppd,
+the real DNS path (dnsmasq SRV + A records), certificate-only s2s; and every
+refusal: self-signed peer, a certificate for another domain, dialback, a
+spoofed 'from', a stanza before authentication, an unreachable domain.
+
+Run: /usr/bin/python3 -m pytest -q tests/integration/test_s2s_xmppd.py
+"""
+
+import base64
+import queue
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from federation import (EVIL, PEER_USERS, UNREACHABLE, XMPPD_A, XMPPD_B, ProsodyPeer,
+                        _wait_ports, free_port)
+from xmpp_helpers import MODULE_DIR, XMPPCTL, XMPPD, missing_binaries
+
+pytest_plugins = ["federation"]
+
+STREAM_NS = "http://etherx.jabber.org/streams"
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+
+
+class XmppdPeer:
+    """xmppd serving one federation domain: c2s on its own address, s2s on
+    5269 there, DNS through the federation's dnsmasq."""
+
+    name = "xmppd"
+
+    def __init__(self, fed, domain, connect_timeout=5):
+        self.fed, self.domain = fed, domain
+        self.host = fed.net.addr(domain)
+        self.c2s_port = free_port(host=self.host)
+        self.starttls_port = self.c2s_port
+        self.s2s_port = fed.net.s2s_port(domain)
+        self.ca = fed.certs.ca
+        self.dir = fed.root / ("xmppd-" + domain)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "xmppd.cfg"
+        self.log_path = self.dir / "xmppd.log"
+        c = fed.certs[domain]
+        self.config_path.write_text(
+            'log_level = "debug";\n'
+            'data_dir = "%s";\n' % (self.dir / "data") +
+            'module_dir = "%s";\n' % MODULE_DIR +
+            'hosts = ( { domain = "%s"; cert = "%s"; key = "%s"; } );\n' % (domain, c.cert, c.key) +
+            "listeners = ( { stream = \"c2s\"; address = \"%s\"; port = %d; tls = \"starttls\"; },\n"
+            "              { stream = \"s2s\"; address = \"%s\"; port = %d; tls = \"starttls\"; } );\n"
+            % (self.host, self.c2s_port, self.host, self.s2s_port) +
+            'modules = ( "c2s", "s2s_external" );\n'
+            's2s_external = { ca_file = "%s"; dns_servers = "%s"; connect_timeout = %d; };\n'
+            % (fed.certs.ca, fed.net.dns_server, connect_timeout))
+        self.users = {}
+        self.proc = None
+
+    def jid(self, local):
+        return "%s@%s" % (local, self.domain)
+
+    def add_users(self, users):
+        for local, pw in users.items():
+            r = subprocess.run([str(XMPPCTL), "--config", str(self.config_path), "adduser",
+                                self.jid(local), "--password", pw],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            self.users[self.jid(local)] = pw
+
+    def start(self):
+        self._logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(XMPPD), "--config", str(self.config_path)],
+                                     stdin=subprocess.DEVNULL, stdout=self._logf,
+                                     stderr=self._logf)
+        _wait_ports(self, [(self.host, self.c2s_port), (self.host, self.s2s_port)], 10)
+        return self
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines=200):
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_log(self, pattern, timeout=10.0, since=0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log()[since:]):
+                return True
+            time.sleep(0.1)
+        raise AssertionError("xmppd %s never logged %r\n--- log ---\n%s"
+                             % (self.domain, pattern, self.log_tail(60)))
+
+    def terminate(self, timeout=10):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+def start_xmppd(federation, domain):
+    if missing_binaries():
+        pytest.fail("xmppd is not built: %s" % missing_binaries(), pytrace=False)
+    srv = XmppdPeer(federation, domain)
+    srv.add_users(PEER_USERS)
+    srv.start()
+    ext = federation.attach(srv, domain)
+    ext.name = "xmppd"
+    return srv
+
+
+@pytest.fixture(scope="session")
+def xmppd_a(federation):
+    return start_xmppd(federation, XMPPD_A)
+
+
+@pytest.fixture(scope="session")
+def xmppd_b(federation):
+    return start_xmppd(federation, XMPPD_B)
+
+
+def converse(fed_clients, here, there, tag):
+    """A message each way between alice@here and bob@there; both arrive with
+    the sender's full JID and the body intact."""
+    a = fed_clients(here, "alice")
+    b = fed_clients(there, "bob")
+    body = "%s: hello from %s" % (tag, here.domain)
+    a.send_message(b.bare_jid, body)
+    m = b.wait_message(body, timeout=15)
+    assert str(m["from"]) == a.full_jid
+    body = "%s: hello back from %s" % (tag, there.domain)
+    b.send_message(a.full_jid, body)
+    m = a.wait_message(body, timeout=15)
+    assert str(m["from"]) == b.full_jid
+    return a, b
+
+
+def assert_ping(client, jid):
+    r = client.ping(jid, timeout=15)
+    assert r["type"] == "result", str(r)
+
+
+# ---------------------------------------------------------------- federating
+
+def test_xmppd_and_prosody(xmppd_a, prosody_peer, fed_clients):
+    a, p = converse(fed_clients, xmppd_a, prosody_peer, "prosody")
+    assert_ping(a, prosody_peer.domain)
+    assert_ping(p, xmppd_a.domain)
+    # Both directions were authenticated with certificates, not dialback.
+    xmppd_a.wait_log(r"server prosody\.test authenticated \(SASL EXTERNAL\)")
+    xmppd_a.wait_log(r"xmppd-a\.test -> prosody\.test: stream authenticated")
+    assert "SASL EXTERNAL with %s succeeded" % XMPPD_A in prosody_peer.log()
+
+
+def test_xmppd_and_ejabberd(xmppd_a, ejabberd_peer, fed_clients):
+    a, e = converse(fed_clients, xmppd_a, ejabberd_peer, "ejabberd")
+    assert_ping(a, ejabberd_peer.domain)
+    assert_ping(e, xmppd_a.domain)
+    xmppd_a.wait_log(r"server ejabberd\.test authenticated \(SASL EXTERNAL\)")
+    assert re.search(r"Accepted inbound s2s EXTERNAL authentication xmppd-a\.test",
+                     ejabberd_peer.log()), ejabberd_peer.log_tail(40)
+
+
+def test_two_xmppd(xmppd_a, xmppd_b, fed_clients):
+    a, b = converse(fed_clients, xmppd_a, xmppd_b, "xmppd")
+    assert_ping(a, xmppd_b.domain)
+    d = a.disco(xmppd_b.domain)
+    assert d["type"] == "result"
+
+
+def test_the_real_dns_path_was_used(federation, xmppd_a, xmppd_b, fed_clients):
+    converse(fed_clients, xmppd_b, xmppd_a, "dns")
+    names = {name for (_t, name, _src) in federation.dns.queries()}
+    assert "_xmpp-server._tcp.%s" % XMPPD_A in names, names
+
+
+def test_unreachable_domain_bounces_and_server_keeps_working(xmppd_a, xmppd_b, fed_clients):
+    a = fed_clients(xmppd_a, "alice")
+    errors = queue.Queue()
+    a.lt.call(lambda: a.xmpp.add_event_handler("message_error", errors.put))
+    a.send_message("someone@%s" % UNREACHABLE, "into the void")
+    m = errors.get(timeout=20)
+    assert str(m["from"]) == "someone@" + UNREACHABLE, str(m)
+    assert m["error"]["condition"] in ("remote-server-not-found", "remote-server-timeout"), str(m)
+    xmppd_a.wait_log(r"xmppd-a\.test -> unreachable\.test: remote-server-(not-found|timeout)")
+    # And the federation still works.
+    converse(fed_clients, xmppd_a, xmppd_b, "after-unreachable")
+
+
+# ---------------------------------------------------------------- refusals
+
+def evil_prosody_message(federation, fed_clients, xmppd_a, cert):
+    """A Prosody for evil.test presenting `cert` tries to message alice@xmppd-a."""
+    evil = ProsodyPeer(federation, domain=EVIL, cert=cert, c2s_cert="good")
+    federation.add_peer(evil, PEER_USERS)
+    try:
+        mark = len(xmppd_a.log())
+        victim = fed_clients(xmppd_a, "alice")
+        sender = fed_clients(evil, "bob")
+        sender.send_message(victim.bare_jid, "evil-" + cert)
+        xmppd_a.wait_log(r"refusing evil\.test: certificate not accepted", timeout=15, since=mark)
+        time.sleep(1)
+        assert not any(m["body"] == "evil-" + cert for m in victim.drain_messages())
+    finally:
+        federation.stop_peer(evil)
+
+
+def test_self_signed_peer_refused(federation, fed_clients, xmppd_a):
+    evil_prosody_message(federation, fed_clients, xmppd_a, "selfsigned")
+
+
+def test_peer_with_certificate_for_another_domain_refused(federation, fed_clients, xmppd_a):
+    evil_prosody_message(federation, fed_clients, xmppd_a, "wrong")
+
+
+class RawS2S:
+    """An s2s stream spoken by hand, as evil.test (CA-signed, valid cert)."""
+
+    def __init__(self, federation, target, me=EVIL):
+        self.fed, self.target, self.me = federation, target, me
+        self.sock = socket.create_connection((target.host, target.s2s_port), timeout=10)
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def expect(self, pattern, timeout=10):
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern, re.S)
+        while True:
+            m = rx.search(self.buf)
+            if m:
+                out, self.buf = self.buf[:m.end()], self.buf[m.end():]
+                return out
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out waiting for %r; got %r" % (pattern, self.buf[-500:])
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except (ssl.SSLError, ConnectionResetError):
+                chunk = b""
+            assert chunk, "closed while waiting for %r; got %r" % (pattern, self.buf[-500:])
+            self.buf += chunk
+
+    def header(self):
+        self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                  "xmlns:stream='%s' xmlns:db='jabber:server:dialback' from='%s' to='%s' "
+                  "version='1.0'>" % (STREAM_NS, self.me, self.target.domain))
+        return self.expect(r"</stream:features>|<stream:features/>")
+
+    def starttls(self):
+        self.header()
+        self.send("<starttls xmlns='%s'/>" % TLS_NS)
+        self.expect(r"<proceed[^>]*/>")
+        ctx = ssl.create_default_context(cafile=self.fed.certs.ca)
+        c = self.fed.certs[self.me]
+        ctx.load_cert_chain(c.cert, c.key)
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=self.target.domain)
+        return self.header()
+
+    def authenticate(self):
+        feats = self.starttls()
+        assert b"EXTERNAL" in feats, feats
+        self.send("<auth xmlns='%s' mechanism='EXTERNAL'>%s</auth>"
+                  % (SASL_NS, base64.b64encode(self.me.encode()).decode()))
+        self.expect(r"<success[^>]*/>|<success[^>]*>.*?</success>")
+        return self.header()
+
+    def expect_stream_error(self, conditions, timeout=10):
+        out = self.expect(r"<stream:error>.*?</stream:error>", timeout)
+        cond = re.search(rb"<([a-z-]+) xmlns=['\"]urn:ietf:params:xml:ns:xmpp-streams", out)
+        assert cond and cond.group(1).decode() in conditions, out
+        return cond.group(1).decode()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def test_dialback_refused(federation, xmppd_a):
+    raw = RawS2S(federation, xmppd_a)
+    try:
+        mark = len(xmppd_a.log())
+        raw.starttls()
+        raw.send("<db:result from='%s' to='%s'>deadbeef</db:result>" % (EVIL, XMPPD_A))
+        raw.expect(r"<db:result[^>]*type=['\"]error['\"]")
+        raw.expect_stream_error(("policy-violation",))
+        xmppd_a.wait_log(r"tried dialback \(db:result from evil\.test\); refused", since=mark)
+    finally:
+        raw.close()
+
+
+def test_spoofed_from_refused(federation, xmppd_a, fed_clients):
+    victim = fed_clients(xmppd_a, "alice")
+    raw = RawS2S(federation, xmppd_a)
+    try:
+        mark = len(xmppd_a.log())
+        raw.authenticate()
+        raw.send("<message from='mallory@prosody.test/x' to='%s' id='spoof'>"
+                 "<body>spoofed</body></message>" % victim.bare_jid)
+        raw.expect_stream_error(("invalid-from",))
+        xmppd_a.wait_log(r"authenticated as evil\.test\) sent a stanza from prosody\.test: "
+                         r"spoofed", since=mark)
+        time.sleep(0.5)
+        assert not any(m["body"] == "spoofed" for m in victim.drain_messages())
+    finally:
+        raw.close()
+
+
+def test_authenticated_peer_stanza_is_delivered(federation, xmppd_a, fed_clients):
+    """The control for the spoofing test: the same raw peer, honest."""
+    victim = fed_clients(xmppd_a, "alice")
+    raw = RawS2S(federation, xmppd_a)
+    try:
+        raw.authenticate()
+        raw.send("<message from='mallory@evil.test/x' to='%s' id='honest' type='chat'>"
+                 "<body>honest</body></message>" % victim.full_jid)
+        m = victim.wait_message("honest", timeout=10)
+        assert str(m["from"]) == "mallory@evil.test/x"
+    finally:
+        raw.close()
+
+
+def test_stanza_before_authentication_refused(federation, xmppd_a, fed_clients):
+    victim = fed_clients(xmppd_a, "alice")
+    raw = RawS2S(federation, xmppd_a)
+    try:
+        raw.starttls()
+        raw.send("<message from='mallory@evil.test' to='%s'><body>early</body></message>"
+                 % victim.bare_jid)
+        raw.expect_stream_error(("not-authorized",))
+        time.sleep(0.5)
+        assert not any(m["body"] == "early" for m in victim.drain_messages())
+    finally:
+        raw.close()
+
+
+def test_stanza_before_starttls_refused(federation, xmppd_a):
+    raw = RawS2S(federation, xmppd_a)
+    try:
+        raw.header()
+        raw.send("<message from='mallory@evil.test' to='alice@%s'><body>clear</body></message>"
+                 % XMPPD_A)
+        raw.expect_stream_error(("policy-violation",))
+    finally:
+        raw.close()
