@@ -21,7 +21,7 @@ import pytest
 
 from federation import (EVIL, PEER_USERS, UNREACHABLE, XMPPD_A, XMPPD_B, ProsodyPeer,
                         _wait_ports, free_port)
-from xmpp_helpers import MODULE_DIR, XMPPCTL, XMPPD, missing_binaries
+from xmpp_helpers import MODULE_DIR, XMPPCTL, XMPPD, missing_binaries, uniq
 
 pytest_plugins = ["federation"]
 
@@ -36,14 +36,14 @@ class XmppdPeer:
 
     name = "xmppd"
 
-    def __init__(self, fed, domain, connect_timeout=5):
+    def __init__(self, fed, domain, connect_timeout=5, tag=""):
         self.fed, self.domain = fed, domain
         self.host = fed.net.addr(domain)
         self.c2s_port = free_port(host=self.host)
         self.starttls_port = self.c2s_port
         self.s2s_port = fed.net.s2s_port(domain)
         self.ca = fed.certs.ca
-        self.dir = fed.root / ("xmppd-" + domain)
+        self.dir = fed.root / ("xmppd-%s%s" % (domain, tag))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "xmppd.cfg"
         self.log_path = self.dir / "xmppd.log"
@@ -358,3 +358,74 @@ def test_stanza_before_starttls_refused(federation, xmppd_a):
         raw.expect_stream_error(("policy-violation",))
     finally:
         raw.close()
+
+
+# ---------------------------------------------------------------- queueing, timeouts, idle
+
+class Blackhole:
+    """Accepts TCP connections and never says a word."""
+
+    def __init__(self, host):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def xmppd_evil(federation, xmppd_b):
+    """A short-lived xmppd for evil.test (a valid CA-signed domain here) with a
+    1 s idle timeout, a 2 s connect timeout and a static route to a black hole."""
+    hole = Blackhole(federation.net.addr(EVIL))
+    srv = XmppdPeer(federation, EVIL, connect_timeout=2, tag="-" + uniq("t"))
+    text = srv.config_path.read_text().replace(
+        "connect_timeout = 2;",
+        'connect_timeout = 2; idle_timeout = 1; static_routes = ( "blackhole.test=%s:%d" );'
+        % (federation.net.addr(EVIL), hole.port))
+    srv.config_path.write_text(text)
+    srv.add_users(PEER_USERS)
+    srv.start()
+    yield srv
+    rc = srv.terminate()
+    hole.close()
+    assert rc == 0, srv.log_tail()
+
+
+def test_queued_stanzas_flow_in_order(xmppd_evil, xmppd_b, fed_clients):
+    e = fed_clients(xmppd_evil, "alice")
+    b = fed_clients(xmppd_b, "bob")
+    bodies = ["in-order-%02d" % i for i in range(20)]
+    for body in bodies:          # all sent before the stream to xmppd-b is up
+        e.send_message(b.full_jid, body)
+    got = [b.wait_message(timeout=15)["body"] for _ in bodies]
+    assert got == bodies
+    xmppd_evil.wait_log(r"evil\.test -> xmppd-b\.test: stream authenticated; sending \d+ queued")
+
+
+def test_idle_stream_closes_and_reopens(xmppd_evil, xmppd_b, fed_clients):
+    e = fed_clients(xmppd_evil, "alice")
+    b = fed_clients(xmppd_b, "bob")
+    e.send_message(b.full_jid, "before idle")
+    b.wait_message("before idle", timeout=15)
+    xmppd_evil.wait_log(r"evil\.test -> xmppd-b\.test: idle; closing", timeout=15)
+    e.send_message(b.full_jid, "after idle")
+    b.wait_message("after idle", timeout=15)
+    assert len(re.findall(r"evil\.test -> xmppd-b\.test: stream authenticated",
+                          xmppd_evil.log())) >= 2
+
+
+def test_peer_that_never_answers_times_out(xmppd_evil, fed_clients):
+    e = fed_clients(xmppd_evil, "alice")
+    errors = queue.Queue()
+    e.lt.call(lambda: e.xmpp.add_event_handler("message_error", errors.put))
+    t0 = time.monotonic()
+    e.send_message("someone@blackhole.test", "hello?")
+    m = errors.get(timeout=15)
+    assert m["error"]["condition"] == "remote-server-timeout", str(m)
+    assert time.monotonic() - t0 >= 1.5   # the configured 2 s, not an instant failure
+    # the server is fine: a ping still answers
+    assert e.ping_server()["type"] == "result"
