@@ -228,8 +228,10 @@ def test_peer_with_certificate_for_another_domain_refused(federation, fed_client
 class RawS2S:
     """An s2s stream spoken by hand, as evil.test (CA-signed, valid cert)."""
 
-    def __init__(self, federation, target, me=EVIL):
+    def __init__(self, federation, target, me=EVIL, cert=None, key=None):
         self.fed, self.target, self.me = federation, target, me
+        self.cert = cert or federation.certs[me].cert
+        self.key = key or federation.certs[me].key
         self.sock = socket.create_connection((target.host, target.s2s_port), timeout=10)
         self.buf = b""
 
@@ -265,8 +267,7 @@ class RawS2S:
         self.send("<starttls xmlns='%s'/>" % TLS_NS)
         self.expect(r"<proceed[^>]*/>")
         ctx = ssl.create_default_context(cafile=self.fed.certs.ca)
-        c = self.fed.certs[self.me]
-        ctx.load_cert_chain(c.cert, c.key)
+        ctx.load_cert_chain(self.cert, self.key)
         self.sock = ctx.wrap_socket(self.sock, server_hostname=self.target.domain)
         return self.header()
 
@@ -429,3 +430,42 @@ def test_peer_that_never_answers_times_out(xmppd_evil, fed_clients):
     assert time.monotonic() - t0 >= 1.5   # the configured 2 s, not an instant failure
     # the server is fine: a ping still answers
     assert e.ping_server()["type"] == "result"
+
+
+def ca_signed(federation, tmp_path, template):
+    """A certificate for evil.test's key, signed by the test CA, from a certtool template."""
+    tmpl = tmp_path / "leaf.tmpl"
+    tmpl.write_text(template)
+    cert = tmp_path / "leaf.pem"
+    key = federation.certs[EVIL].key
+    subprocess.run(["certtool", "--generate-certificate", "--load-privkey", key,
+                    "--load-ca-certificate", federation.certs.ca,
+                    "--load-ca-privkey", federation.certs.ca_key,
+                    "--template", str(tmpl), "--outfile", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), key
+
+
+@pytest.mark.parametrize("ident,accepted", [
+    ('xmpp_name = "evil.test"\n', True),            # XmppAddr only (RFC 6120 13.7.1.4)
+    ('dns_name = "*.evil.test"\n', False),          # a wildcard does not cover the parent
+    ('cn = "evil.test"\ndns_name = "other.test"\n', False),  # CN is ignored beside a DNS-ID
+])
+def test_certificate_identities(federation, xmppd_a, tmp_path, ident, accepted):
+    template = ('serial = 4242\nexpiration_days = 3\ntls_www_server\ntls_www_client\n'
+                'signing_key\nencryption_key\n' + ident)
+    if "cn =" not in ident:
+        template = 'cn = "test leaf"\n' + template
+    cert, key = ca_signed(federation, tmp_path, template)
+    raw = RawS2S(federation, xmppd_a, cert=cert, key=key)
+    try:
+        if accepted:
+            raw.authenticate()
+        else:
+            raw.send("")  # TLS and then the refusal
+            with pytest.raises(AssertionError):
+                raw.authenticate()
+            xmppd_a.wait_log(r"refusing evil\.test: certificate not accepted: "
+                             r"the certificate does not name evil\.test")
+    finally:
+        raw.close()
