@@ -4,6 +4,7 @@
  * features, stream-level element handlers, disco features and identities.
  */
 #include <dlfcn.h>
+#include <gnutls/crypto.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@ typedef struct element_entry {
     xd_module *owner;
     xd_element_fn fn;
     void *data;
+    struct element_entry *next; /* another handler of the same namespace */
 } element_entry;
 
 typedef struct feature_entry {
@@ -35,6 +37,7 @@ typedef struct feature_entry {
 typedef struct disco_entry {
     xd_module *owner;
     char *a, *b, *c; /* feature: a only; identity: category, type, name */
+    int account;     /* a feature of accounts, not of the server */
 } disco_entry;
 
 struct xd_timer {
@@ -55,6 +58,7 @@ static struct {
     int niqs;
     element_entry elements[XD_MAX_MODULES * 4];
     int nelements;
+    char caps_ver[64];
 } reg;
 
 /* ---- loading ------------------------------------------------------------ */
@@ -310,8 +314,18 @@ xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns, xd
     e->owner = m;
     e->fn = fn;
     e->data = data;
+    e->next = NULL;
     reg.nelements++;
-    (void)type; /* the table is small; the type is checked at dispatch */
+    {
+        /* Append: handlers are asked in module order. */
+        element_entry *head = xd_hashtab_get(xd_srv.elements[type], e->ns);
+        if (head) {
+            while (head->next)
+                head = head->next;
+            head->next = e;
+            return 0;
+        }
+    }
     return xd_hashtab_put(xd_srv.elements[type], e->ns, e);
 }
 
@@ -325,68 +339,150 @@ xd_element_dispatch(xd_session *s, xmpp_stanza_t *el)
 
     if (!ns && name && strncmp(name, "stream:", 7) == 0)
         ns = "http://etherx.jabber.org/streams"; /* the parser keeps the stream: prefix */
-    e = ns ? xd_hashtab_get(xd_srv.elements[xd_session_type(s)], ns) : NULL;
-    return e ? e->fn(s, el, e->data) : XD_PASS;
+    for (e = ns ? xd_hashtab_get(xd_srv.elements[xd_session_type(s)], ns) : NULL; e; e = e->next) {
+        int r = e->fn(s, el, e->data);
+        if (r != XD_PASS)
+            return r;
+    }
+    return XD_PASS;
 }
 
 /* ---- disco ------------------------------------------------------------------ */
 
 static int
-disco_add(xd_module *m, const char *a, const char *b, const char *c)
+disco_add(xd_module *m, int account, const char *a, const char *b, const char *c)
 {
     disco_entry *e;
     for (int i = 0; i < reg.ndisco; i++)
-        if (!b && !reg.disco[i].b && strcmp(reg.disco[i].a, a) == 0)
+        if (!b && !reg.disco[i].b && reg.disco[i].account == account &&
+            strcmp(reg.disco[i].a, a) == 0)
             return 0; /* the same feature twice is harmless */
     if (reg.ndisco >= (int)(sizeof(reg.disco) / sizeof(reg.disco[0])))
         return -1;
     e = &reg.disco[reg.ndisco];
     e->owner = m;
+    e->account = account;
     e->a = strdup(a);
     e->b = b ? strdup(b) : NULL;
     e->c = c ? strdup(c) : NULL;
     if (!e->a || (b && !e->b) || (c && !e->c))
         return -1;
     reg.ndisco++;
+    reg.caps_ver[0] = '\0'; /* recomputed on demand */
     return 0;
 }
 
 int
 xd_disco_add_feature(xd_module *m, const char *ns)
 {
-    return ns ? disco_add(m, ns, NULL, NULL) : -1;
+    return ns ? disco_add(m, 0, ns, NULL, NULL) : -1;
+}
+
+int
+xd_disco_add_account_feature(xd_module *m, const char *ns)
+{
+    return ns ? disco_add(m, 1, ns, NULL, NULL) : -1;
 }
 
 int
 xd_disco_add_identity(xd_module *m, const char *category, const char *type, const char *name)
 {
-    return category && type ? disco_add(m, category, type, name) : -1;
+    return category && type ? disco_add(m, 0, category, type, name) : -1;
+}
+
+static void
+add_identity(xmpp_stanza_t *query, const char *category, const char *type, const char *name)
+{
+    xmpp_stanza_t *el = xd_stanza_new("identity", NULL);
+    if (!el)
+        return;
+    xmpp_stanza_set_attribute(el, "category", category);
+    xmpp_stanza_set_attribute(el, "type", type);
+    if (name)
+        xmpp_stanza_set_attribute(el, "name", name);
+    xmpp_stanza_add_child_ex(query, el, 0);
+}
+
+static void
+fill(xmpp_stanza_t *query, int account)
+{
+    for (int i = 0; i < reg.ndisco; i++) {
+        disco_entry *e = &reg.disco[i];
+        if (e->b && !account)
+            add_identity(query, e->a, e->b, e->c);
+    }
+    if (account)
+        add_identity(query, "account", "registered", NULL);
+    for (int i = 0; i < reg.ndisco; i++) {
+        disco_entry *e = &reg.disco[i];
+        xmpp_stanza_t *el;
+        if (e->b || e->account != account || !(el = xd_stanza_new("feature", NULL)))
+            continue;
+        xmpp_stanza_set_attribute(el, "var", e->a);
+        xmpp_stanza_add_child_ex(query, el, 0);
+    }
 }
 
 void
 xd_disco_fill_info(xmpp_stanza_t *query)
 {
-    for (int pass = 0; pass < 2; pass++)
+    fill(query, 0);
+}
+
+void
+xd_disco_fill_account_info(xmpp_stanza_t *query)
+{
+    fill(query, 1);
+}
+
+static int
+cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* XEP-0115 5.1: identities "category/type/lang/name<" then features "var<",
+ * each sorted, hashed with SHA-1, in base64. */
+const char *
+xd_disco_caps_ver(void)
+{
+    char *items[sizeof(reg.disco) / sizeof(reg.disco[0])];
+    char *s = NULL, *b64;
+    size_t len = 0, n = 0;
+    unsigned char digest[20];
+    FILE *f;
+
+    if (reg.caps_ver[0])
+        return reg.caps_ver;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t first = n;
         for (int i = 0; i < reg.ndisco; i++) {
             disco_entry *e = &reg.disco[i];
-            xmpp_stanza_t *el;
-            if ((pass == 0) != (e->b != NULL))
-                continue; /* identities first, then features */
-            el = xmpp_stanza_new(xd_ctx());
-            if (!el)
-                return;
-            if (e->b) {
-                xmpp_stanza_set_name(el, "identity");
-                xmpp_stanza_set_attribute(el, "category", e->a);
-                xmpp_stanza_set_attribute(el, "type", e->b);
-                if (e->c)
-                    xmpp_stanza_set_attribute(el, "name", e->c);
-            } else {
-                xmpp_stanza_set_name(el, "feature");
-                xmpp_stanza_set_attribute(el, "var", e->a);
-            }
-            xmpp_stanza_add_child_ex(query, el, 0);
+            char *item = NULL;
+            if (e->account || (pass == 0) != (e->b != NULL))
+                continue;
+            if (pass == 0 ? asprintf(&item, "%s/%s//%s<", e->a, e->b, e->c ? e->c : "") < 0
+                          : asprintf(&item, "%s<", e->a) < 0)
+                goto out;
+            items[n++] = item;
         }
+        qsort(items + first, n - first, sizeof(items[0]), cmp_str);
+    }
+    if (!(f = open_memstream(&s, &len)))
+        goto out;
+    for (size_t i = 0; i < n; i++)
+        fputs(items[i], f);
+    fclose(f);
+    if (gnutls_hash_fast(GNUTLS_DIG_SHA1, s, len, digest) == 0 &&
+        (b64 = xd_base64_encode(digest, sizeof(digest)))) {
+        snprintf(reg.caps_ver, sizeof(reg.caps_ver), "%s", b64);
+        free(b64);
+    }
+    free(s);
+out:
+    for (size_t i = 0; i < n; i++)
+        free(items[i]);
+    return reg.caps_ver;
 }
 
 /* ---- timers ------------------------------------------------------------------ */

@@ -388,6 +388,30 @@ xd_route(xmpp_stanza_t *st)
     xmpp_stanza_release(st);
 }
 
+static int
+is_broadcast_presence(xmpp_stanza_t *st)
+{
+    const char *type = xmpp_stanza_get_type(st);
+    return !strcmp(xmpp_stanza_get_name(st), "presence") &&
+           (!type || !strcmp(type, "unavailable"));
+}
+
+/* RFC 6121 4.2, 4.4, 4.5: a client's presence without 'to' is its
+ * availability.  The core records it (delivery to the bare JID depends on
+ * it); modules broadcast it: to the user's own resources, to contacts... */
+static void
+presence_out(xd_event *ev, xd_session *s, xmpp_stanza_t *st)
+{
+    int was = s->available;
+    xd_session_set_presence(s, st);
+    ev->flags = (!s->presence_seen && s->available) ? XD_EVENT_INITIAL : 0;
+    if (s->available)
+        s->presence_seen = 1;
+    if (!was && !s->available)
+        return; /* unavailable while unavailable: nothing changed */
+    xd_hooks_run(XD_HOOK_PRESENCE_OUT, ev);
+}
+
 /* A stanza from a client or server stream; takes st. */
 void
 xd_route_from(xd_session *s, xmpp_stanza_t *st)
@@ -426,8 +450,14 @@ xd_route_from(xd_session *s, xmpp_stanza_t *st)
         to.resource[0] = '\0';
     }
     ev.to = &to;
-    if (xd_hooks_run(s->type == XD_STREAM_C2S ? XD_HOOK_C2S_STANZA : XD_HOOK_S2S_STANZA, &ev) ==
-        XD_PASS)
+    if (xd_hooks_run(s->type == XD_STREAM_C2S ? XD_HOOK_C2S_STANZA : XD_HOOK_S2S_STANZA, &ev) !=
+        XD_PASS) {
+        xmpp_stanza_release(st);
+        return;
+    }
+    if (s->type == XD_STREAM_C2S && !t && is_broadcast_presence(st))
+        presence_out(&ev, s, st);
+    else
         route(&ev, st);
     xmpp_stanza_release(st);
 }

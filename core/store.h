@@ -2,7 +2,7 @@
 #ifndef XD_CORE_STORE_H
 #define XD_CORE_STORE_H
 
-#include <xmppd/jid.h>
+#include <xmppd/module.h>
 #include <xmppd/scram.h>
 #include <xmppd/storage.h>
 
@@ -18,9 +18,7 @@ void xd_store_flush(void);
  * small versioned binary record with the SCRAM-SHA-1 and SCRAM-SHA-256
  * iterations, salts, StoredKey and ServerKey.  Never the password.
  */
-int xd_account_create(const xd_jid *bare, const char *password); /* -2: exists */
-int xd_account_set_password(const xd_jid *bare, const char *password); /* XD_NOTFOUND */
-int xd_account_delete(const xd_jid *bare);                        /* XD_NOTFOUND */
+/* xd_account_create/set_password/delete are public: include/xmppd/module.h */
 /* Call fn for each account (bare JID string) of domain (NULL: all). */
 int xd_account_foreach(const char *domain, int (*fn)(const char *jid, void *data), void *data);
 

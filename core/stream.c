@@ -244,8 +244,8 @@ dispatch(xd_session *s, xmpp_stanza_t *st)
             xd_route_from(s, st); /* takes st */
             return;
         }
-        /* Not routable yet: resource binding and the like, or nothing at all. */
-        if (!s->authenticated || xd_element_dispatch(s, st) == XD_PASS)
+        /* Not routable yet: registration, resource binding, or nothing at all. */
+        if (xd_element_dispatch(s, st) == XD_PASS)
             xd_session_close(s, "not-authorized", NULL);
         xmpp_stanza_release(st);
         return;

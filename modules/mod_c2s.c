@@ -19,6 +19,8 @@
 #define NS_DISCO_ITEMS "http://jabber.org/protocol/disco#items"
 #define NS_VERSION "jabber:iq:version"
 #define NS_STANZAS "urn:ietf:params:xml:ns:xmpp-stanzas"
+#define NS_CAPS "http://jabber.org/protocol/caps"
+#define CAPS_NODE "https://xmppd.invalid/caps"
 
 typedef struct c2s_conf {
     xd_module *m;
@@ -71,6 +73,14 @@ c2s_features(xd_session *s, xmpp_stanza_t *features, void *data)
     (void)data;
     if (!xd_session_is_tls(s))
         return; /* nothing but STARTTLS before TLS (the core offers it) */
+    {
+        /* XEP-0115 6.3: the server's own capabilities, so clients can skip disco. */
+        xmpp_stanza_t *caps = xd_stanza_new("c", NS_CAPS);
+        xmpp_stanza_set_attribute(caps, "hash", "sha-1");
+        xmpp_stanza_set_attribute(caps, "node", CAPS_NODE);
+        xmpp_stanza_set_attribute(caps, "ver", xd_disco_caps_ver());
+        xmpp_stanza_add_child_ex(features, caps, 0);
+    }
     if (!xd_session_is_authenticated(s)) {
         xmpp_stanza_t *mechs = xd_stanza_new("mechanisms", NS_SASL);
         add_mechanism(mechs, "SCRAM-SHA-256");
@@ -384,7 +394,8 @@ unbound_stanza(xd_session *s, xmpp_stanza_t *st, void *data)
     xmpp_stanza_t *bind, *sess;
     (void)data;
 
-    if (strcmp(xmpp_stanza_get_name(st), "iq") != 0 || !type || strcmp(type, "set") != 0)
+    if (!xd_session_is_authenticated(s) || strcmp(xmpp_stanza_get_name(st), "iq") != 0 || !type ||
+        strcmp(type, "set") != 0)
         return XD_PASS;
     if ((bind = xmpp_stanza_get_child_by_name_and_ns(st, "bind", NS_BIND))) {
         bind_resource(s, st, bind);
@@ -423,6 +434,32 @@ iq_disco_info(xd_event *ev, void *data)
     rq = xd_stanza_new("query", NS_DISCO_INFO);
     xd_disco_fill_info(rq);
     xmpp_stanza_add_child_ex(r, rq, 0);
+    xd_route(r);
+    return XD_HANDLED;
+}
+
+/* disco#info of a local account (XEP-0030 3.1: identity account/registered). */
+static int
+iq_account_disco_info(xd_event *ev, void *data)
+{
+    xmpp_stanza_t *q = xmpp_stanza_get_child_by_ns(ev->stanza, NS_DISCO_INFO);
+    xmpp_stanza_t *r, *rq;
+    (void)data;
+
+    if (q && xmpp_stanza_get_attribute(q, "node")) {
+        xd_bounce(ev->stanza, "cancel", "item-not-found", NULL);
+        return XD_HANDLED;
+    }
+    r = xd_iq_result(ev->stanza);
+    rq = xd_stanza_new("query", NS_DISCO_INFO);
+    xd_disco_fill_account_info(rq);
+    xmpp_stanza_add_child_ex(r, rq, 0);
+    if (!xmpp_stanza_get_from(r)) {
+        /* asked without 'to': the answer comes from the account itself */
+        char bare[XD_JID_STR_MAX];
+        if (xd_jid_format(ev->to, 0, bare, sizeof(bare)) >= 0)
+            xmpp_stanza_set_from(r, bare);
+    }
     xd_route(r);
     return XD_HANDLED;
 }
@@ -475,25 +512,20 @@ broadcast_own(xd_session *s, xmpp_stanza_t *presence, const xd_session *except)
     xd_user_sessions(&bare, send_presence, &b);
 }
 
+/* XD_HOOK_PRESENCE_OUT: the core recorded it; the user's own resources see it. */
 static int
 c2s_presence(xd_event *ev, void *data)
 {
     xmpp_stanza_t *st = ev->stanza;
-    const char *type = xmpp_stanza_get_type(st);
     (void)data;
 
-    if (strcmp(xmpp_stanza_get_name(st), "presence") != 0 || xmpp_stanza_get_to(st))
-        return XD_PASS;
-    if (type && strcmp(type, "unavailable") != 0)
-        return XD_PASS; /* subscriptions and probes need a 'to' and a roster */
-    xd_session_set_presence(ev->session, st);
     /* RFC 6121 4.2.2: the user's own available resources, this one included. */
     broadcast_own(ev->session, st, NULL);
-    if (type) {
+    if (xmpp_stanza_get_type(st)) {
         /* the unavailable resource no longer counts as available, so tell it too */
         xd_deliver_to_session(ev->session, xmpp_stanza_copy(st));
     }
-    return XD_HANDLED;
+    return XD_PASS;
 }
 
 static int
@@ -562,7 +594,9 @@ c2s_load(xd_module *m)
     r |= xd_iq_register(m, XD_IQ_HOST, "get", NS_PING, iq_empty_result, c);
     r |= xd_iq_register(m, XD_IQ_HOST, "get", NS_DISCO_INFO, iq_disco_info, c);
     r |= xd_iq_register(m, XD_IQ_HOST, "get", NS_DISCO_ITEMS, iq_disco_items, c);
-    r |= xd_hook(m, XD_HOOK_C2S_STANZA, c2s_presence, c, XD_PRIO_LOW);
+    r |= xd_iq_register(m, XD_IQ_ACCOUNT, "get", NS_DISCO_INFO, iq_account_disco_info, c);
+    r |= xd_iq_register(m, XD_IQ_ACCOUNT, "get", NS_DISCO_ITEMS, iq_disco_items, c);
+    r |= xd_hook(m, XD_HOOK_PRESENCE_OUT, c2s_presence, c, XD_PRIO_HIGH);
     r |= xd_hook(m, XD_HOOK_SESSION_END, c2s_session_end, c, XD_PRIO_DEFAULT);
     r |= xd_disco_add_identity(m, "server", "im", "xmppd");
     r |= xd_disco_add_feature(m, NS_DISCO_INFO);

@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes incompatibly. */
-#define XD_MODULE_ABI 1
+#define XD_MODULE_ABI 2
 
 /* What a hook or handler answers. */
 enum {
@@ -70,6 +70,8 @@ typedef enum xd_hook_id {
     XD_HOOK_SESSION_START,  /* a client resource was bound: session */
     XD_HOOK_SESSION_END,    /* a bound session is ending (still routable): session */
     XD_HOOK_STREAM_CLOSED,  /* any stream is gone (connect failed, closed, killed): session */
+    XD_HOOK_PRESENCE_OUT,   /* a client's broadcast presence (no 'to') was recorded: session,
+                               stanza, from; flags has XD_EVENT_INITIAL on its first available one */
     XD_HOOK_COUNT
 } xd_hook_id;
 
@@ -79,7 +81,10 @@ typedef struct xd_event {
     const xd_jid *from;     /* prepared sender, when known */
     const xd_jid *to;       /* prepared recipient, when known */
     const struct sockaddr *addr; /* peer address for XD_HOOK_CONNECT */
+    unsigned flags;         /* XD_EVENT_* */
 } xd_event;
+
+#define XD_EVENT_INITIAL 1u /* XD_HOOK_PRESENCE_OUT: the session's initial presence */
 
 typedef int (*xd_hook_fn)(xd_event *ev, void *data);
 
@@ -102,8 +107,11 @@ int xd_iq_register(xd_module *m, xd_iq_scope scope, const char *type, const char
 /*
  * Stream features and stream-level elements (nonzas: <auth/>, <enable/>...).
  * A feature function appends children to <stream:features> for the session's
- * current state.  An element handler receives top-level elements of `ns`
- * that are not message/presence/iq, and anything sent before authentication.
+ * current state.  Element handlers receive top-level elements of `ns` that
+ * are not routable stanzas, and (under the stream's namespace, e.g.
+ * "jabber:client") stanzas sent before the session is bound.  Several
+ * handlers may share a namespace: each is asked in turn until one does not
+ * answer XD_PASS.
  */
 typedef void (*xd_features_fn)(xd_session *s, xmpp_stanza_t *features, void *data);
 int xd_stream_features_add(xd_module *m, xd_stream_type type, xd_features_fn fn, void *data);
@@ -114,8 +122,14 @@ int xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns
 /* XEP-0030 features and identities the server advertises. */
 int xd_disco_add_feature(xd_module *m, const char *ns);
 int xd_disco_add_identity(xd_module *m, const char *category, const char *type, const char *name);
+/* Features of every local account's bare JID (PEP, blocking...). */
+int xd_disco_add_account_feature(xd_module *m, const char *ns);
 /* Fill a <query xmlns='http://jabber.org/protocol/disco#info'/> with the server's data. */
 void xd_disco_fill_info(xmpp_stanza_t *query);
+/* The same for an account (identity account/registered and account features). */
+void xd_disco_fill_account_info(xmpp_stanza_t *query);
+/* XEP-0115 verification string of the server's disco#info (SHA-1, base64). */
+const char *xd_disco_caps_ver(void);
 
 /* ---- sessions ------------------------------------------------------------ */
 
@@ -223,6 +237,10 @@ int xd_account_exists(const xd_jid *bare);
 int xd_account_credentials(const xd_jid *bare, xd_scram_hash mech, xd_scram_creds *out);
 /* Check a plaintext password against the stored salted keys (PLAIN). 1 match, 0 no, -1. */
 int xd_account_check_password(const xd_jid *bare, const char *password);
+/* Create (-2 if it exists), change the password of (XD_NOTFOUND), delete (XD_NOTFOUND). */
+int xd_account_create(const xd_jid *bare, const char *password);
+int xd_account_set_password(const xd_jid *bare, const char *password);
+int xd_account_delete(const xd_jid *bare);
 
 /* ---- settings and module state -------------------------------------------- */
 
