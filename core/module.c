@@ -142,6 +142,30 @@ xd_modules_load(void)
     return 0;
 }
 
+/* Forget what m registered, so modules unloaded after it (which may still
+ * route a stanza or two) never call into its freed state. */
+static void
+forget_module(xd_module *m)
+{
+    for (int h = 0; h < XD_HOOK_COUNT; h++) {
+        xd_hook_list *l = &xd_srv.hooks[h];
+        int k = 0;
+        for (int i = 0; i < l->n; i++)
+            if (l->v[i].owner != m)
+                l->v[k++] = l->v[i];
+        l->n = k;
+    }
+    for (int i = 0; i < reg.niqs; i++)
+        if (reg.iqs[i]->owner == m)
+            xd_hashtab_del(xd_srv.iq_handlers, reg.iqs[i]->key);
+    for (int i = 0; i < reg.nelements; i++)
+        if (reg.elements[i].owner == m)
+            reg.elements[i].fn = NULL;
+    for (int i = 0; i < reg.nfeatures; i++)
+        if (reg.features[i].owner == m)
+            reg.features[i].fn = NULL;
+}
+
 void
 xd_modules_unload(void)
 {
@@ -149,6 +173,7 @@ xd_modules_unload(void)
         xd_module *m = xd_srv.modules[i];
         if (m->desc->unload)
             m->desc->unload(m);
+        forget_module(m);
     }
     for (int i = 0; i < XD_HOOK_COUNT; i++) {
         free(xd_srv.hooks[i].v);
@@ -297,7 +322,7 @@ void
 xd_features_fill(xd_session *s, xmpp_stanza_t *features)
 {
     for (int i = 0; i < reg.nfeatures; i++)
-        if (reg.features[i].type == xd_session_type(s))
+        if (reg.features[i].fn && reg.features[i].type == xd_session_type(s))
             reg.features[i].fn(s, features, reg.features[i].data);
 }
 
@@ -340,7 +365,7 @@ xd_element_dispatch(xd_session *s, xmpp_stanza_t *el)
     if (!ns && name && strncmp(name, "stream:", 7) == 0)
         ns = "http://etherx.jabber.org/streams"; /* the parser keeps the stream: prefix */
     for (e = ns ? xd_hashtab_get(xd_srv.elements[xd_session_type(s)], ns) : NULL; e; e = e->next) {
-        int r = e->fn(s, el, e->data);
+        int r = e->fn ? e->fn(s, el, e->data) : XD_PASS;
         if (r != XD_PASS)
             return r;
     }

@@ -440,6 +440,12 @@ xd_route_from(xd_session *s, xmpp_stanza_t *st)
     }
     if (t) {
         if (xd_jid_parse(&to, t) != 0) {
+            if (s->type == XD_STREAM_S2S) {
+                /* its 'from' is not checked yet: no bounce to it */
+                xd_session_close(s, "improper-addressing", "unusable 'to'");
+                xmpp_stanza_release(st);
+                return;
+            }
             xd_bounce(st, "modify", "jid-malformed", NULL);
             xmpp_stanza_release(st);
             return;

@@ -354,6 +354,13 @@ xd_session_send_raw(xd_session *s, const char *data, size_t len)
     return 0;
 }
 
+static int
+is_routable(xmpp_stanza_t *st)
+{
+    const char *n = xmpp_stanza_get_name(st);
+    return n && (!strcmp(n, "message") || !strcmp(n, "presence") || !strcmp(n, "iq"));
+}
+
 /* Top-level stanzas inherit the stream's default namespace. */
 static void
 strip_stream_ns(xmpp_stanza_t *st)
@@ -372,6 +379,12 @@ xd_session_send(xd_session *s, xmpp_stanza_t *st)
 
     if (!st)
         return -1;
+    if (s->initiator && !s->authenticated && is_routable(st)) {
+        /* Never on an outgoing stream that has not proved its peer. */
+        xd_warn("%s: refusing to send a stanza before %s is authenticated", s->peer, s->remote);
+        xmpp_stanza_release(st);
+        return -1;
+    }
     if (!s->dead && !s->closing) {
         strip_stream_ns(st);
         if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK) {
@@ -664,6 +677,11 @@ xd_session_set_peer_authenticated(xd_session *s, const char *domain)
     xd_jid peer;
     xd_event ev = {.session = s, .from = &peer};
 
+    if (!s->tls_up || strcmp(s->verified, domain) != 0) {
+        xd_warn("%s: refusing to authenticate %s: its certificate was not verified for it",
+                s->peer, domain);
+        return -1;
+    }
     memset(&peer, 0, sizeof(peer));
     snprintf(peer.domain, sizeof(peer.domain), "%s", domain);
     snprintf(s->peer_domain, sizeof(s->peer_domain), "%s", domain);
@@ -682,6 +700,14 @@ xd_session_set_peer_authenticated(xd_session *s, const char *domain)
 void
 xd_session_initiator_authenticated(xd_session *s)
 {
+    /* Only after our own check of their certificate: a <success/> alone
+     * proves nothing. */
+    if (!s->initiator || !s->tls_up || strcmp(s->verified, s->remote) != 0) {
+        xd_warn("%s: %s claimed success before its certificate was verified", s->peer,
+                s->remote);
+        xd_session_close(s, "policy-violation", "authentication out of order");
+        return;
+    }
     snprintf(s->peer_domain, sizeof(s->peer_domain), "%s", s->remote);
     s->authenticated = 1;
     s->restart = XD_RESTART_STREAM;
@@ -772,50 +798,49 @@ xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
 
 /* ---- peer certificates (RFC 6125, RFC 7590) ----------------------------------------- */
 
-#define OID_SRV "1.3.6.1.5.5.7.8.7"
-
-/* An SRV-ID: otherName id-on-dnsSRV, an IA5String "_xmpp-server.domain". */
+/* The SRV-ID for XMPP server streams: "_xmpp-server." + domain. */
 static int
-srv_id_matches(gnutls_x509_crt_t crt, unsigned idx, const char *domain)
+srv_id_matches(const char *val, size_t len, const char *domain)
 {
-    char oid[128], val[1100];
-    size_t oidlen = sizeof(oid), len = sizeof(val);
-    unsigned char *v = (unsigned char *)val;
-    size_t n;
-
-    if (gnutls_x509_crt_get_subject_alt_othername_oid(crt, idx, oid, &oidlen) < 0 ||
-        strcmp(oid, OID_SRV) != 0 ||
-        gnutls_x509_crt_get_subject_alt_name(crt, idx, val, &len, NULL) < 0 || len < 2 ||
-        v[0] != 0x16 || v[1] >= 0x80)
-        return 0;
-    n = v[1];
-    if (n + 2 > len)
-        return 0;
-    return n == strlen("_xmpp-server.") + strlen(domain) &&
-           strncasecmp(val + 2, "_xmpp-server.", 13) == 0 &&
-           strncasecmp(val + 2 + 13, domain, strlen(domain)) == 0;
+    static const char svc[] = "_xmpp-server.";
+    size_t n = sizeof(svc) - 1;
+    return len == n + strlen(domain) && strncasecmp(val, svc, n) == 0 &&
+           strncasecmp(val + n, domain, len - n) == 0;
 }
 
-/* XmppAddr or SRV-ID naming domain, beside the DNS-ID GnuTLS checks. */
+/*
+ * RFC 6125 6.4 / RFC 7590: the reference identity is the domain; presented
+ * identities are DNS-IDs (checked by GnuTLS, wildcards only in the leftmost
+ * label), SRV-IDs and XmppAddrs.  The CN is never used: GnuTLS would fall
+ * back to it when there is no dNSName, so DNS-IDs are checked only when the
+ * certificate has one.
+ */
 static int
-othername_matches(gnutls_x509_crt_t crt, const char *domain)
+identity_matches(gnutls_x509_crt_t crt, const char *domain)
 {
+    int has_dns = 0;
     for (unsigned i = 0; i < 64; i++) {
         char val[1100];
         size_t len = sizeof(val) - 1;
         int t = gnutls_x509_crt_get_subject_alt_name(crt, i, val, &len, NULL);
         if (t == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
             break;
-        if (t == GNUTLS_SAN_OTHERNAME_XMPP) {
+        if (t < 0)
+            continue;
+        val[len < sizeof(val) ? len : sizeof(val) - 1] = '\0';
+        if (t == GNUTLS_SAN_DNSNAME)
+            has_dns = 1;
+        else if (t == GNUTLS_SAN_OTHERNAME_XMPP) {
             xd_jid j;
-            val[len] = '\0';
-            if (xd_jid_parse(&j, val) == 0 && !j.local[0] && !j.resource[0] &&
-                strcmp(j.domain, domain) == 0)
+            if (strlen(val) == len && xd_jid_parse(&j, val) == 0 && !j.local[0] &&
+                !j.resource[0] && strcmp(j.domain, domain) == 0)
                 return 1;
-        } else if (t == GNUTLS_SAN_OTHERNAME && srv_id_matches(crt, i, domain))
-            return 1;
+        } else if (t == GNUTLS_SAN_OTHERNAME_SRV) {
+            if (srv_id_matches(val, len, domain))
+                return 1;
+        }
     }
-    return 0;
+    return has_dns && gnutls_x509_crt_check_hostname2(crt, domain, 0);
 }
 
 int
@@ -856,9 +881,11 @@ xd_session_verify_peer(xd_session *s, const char *domain, char *why, size_t whyl
         snprintf(why, whylen, "unreadable certificate");
         return 0;
     }
-    ok = gnutls_x509_crt_check_hostname2(crt, domain, 0) || othername_matches(crt, domain);
+    ok = identity_matches(crt, domain);
     gnutls_x509_crt_deinit(crt);
     if (!ok)
         snprintf(why, whylen, "the certificate does not name %s", domain);
+    else
+        snprintf(s->verified, sizeof(s->verified), "%s", domain);
     return ok;
 }

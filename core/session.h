@@ -43,6 +43,7 @@ struct xd_session {
     char remote[XD_JID_PART_MAX + 1];      /* outgoing: the domain we connect to */
     char stream_from[XD_JID_PART_MAX + 1]; /* incoming: 'from' of the peer's header */
     char peer_domain[XD_JID_PART_MAX + 1]; /* authenticated peer domain */
+    char verified[XD_JID_PART_MAX + 1];    /* the domain the peer certificate was checked for */
 
     /* stream state */
     unsigned header_sent : 1, header_received : 1, authenticated : 1, bound : 1, closing : 1,

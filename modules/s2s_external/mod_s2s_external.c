@@ -24,8 +24,10 @@
 #define NS_SASL "urn:ietf:params:xml:ns:xmpp-sasl"
 #define NS_STREAMS "http://etherx.jabber.org/streams"
 #define NS_DIALBACK "jabber:server:dialback"
-#define NROUTE_BUCKETS 1024
+#define NROUTE_BUCKETS 4096
 #define MAX_STATIC 64
+#define MAX_ROUTES 10000       /* remote domains with state at once */
+#define MAX_QUEUED_TOTAL 50000 /* stanzas waiting for any remote stream */
 
 typedef enum route_state { R_IDLE, R_RESOLVING, R_CONNECTING, R_READY } route_state;
 
@@ -45,6 +47,9 @@ typedef struct route {
     xd_timer *deadline;
     double last_used;
     unsigned hash;
+    int auth_sent; /* this attempt sent <auth/>: only then may <success/> come */
+    int in_ready;  /* route_ready() is sending the queue */
+    char why[256]; /* why the last attempt failed */
     struct route *next;
 } route;
 
@@ -60,6 +65,7 @@ struct s2s_mod {
     static_route statics[MAX_STATIC];
     int nstatic;
     int connect_timeout, idle_timeout, queue_limit, allow_subdomains;
+    int nroutes, queued;
     xd_timer *sweep;
 };
 
@@ -89,10 +95,11 @@ route_get(s2s_mod *mod, const char *local, const char *remote)
     for (r = *b; r; r = r->next)
         if (r->hash == h && !strcmp(r->local, local) && !strcmp(r->remote, remote))
             return r;
-    if (!(r = calloc(1, sizeof(*r))))
+    if (mod->nroutes >= MAX_ROUTES || !(r = calloc(1, sizeof(*r))))
         return NULL;
     r->mod = mod;
     r->hash = h;
+    r->last_used = xd_now();
     r->local = strdup(local);
     r->remote = strdup(remote);
     if (!r->local || !r->remote) {
@@ -103,7 +110,18 @@ route_get(s2s_mod *mod, const char *local, const char *remote)
     }
     r->next = *b;
     *b = r;
+    mod->nroutes++;
     return r;
+}
+
+static void
+route_free(route *r)
+{
+    free(r->queue);
+    free(r->addrs);
+    free(r->local);
+    free(r->remote);
+    free(r);
 }
 
 static void
@@ -124,6 +142,8 @@ route_fail(route *r, const char *condition, const char *why)
     xd_session *s = r->session;
     const char *type = strcmp(condition, "remote-server-timeout") == 0 ? "wait" : "cancel";
 
+    if (r->why[0] && !strncmp(why, "no authenticated stream", 23))
+        why = r->why; /* the last attempt's own reason says more */
     xd_warn("s2s: %s -> %s: %s (%s); bouncing %d stanza(s)", r->local, r->remote, condition, why,
             r->nq);
     route_stop_timers(r);
@@ -136,7 +156,9 @@ route_fail(route *r, const char *condition, const char *why)
         xd_bounce(r->queue[i], type, condition, why);
         xmpp_stanza_release(r->queue[i]);
     }
+    r->mod->queued -= r->nq;
     r->nq = 0;
+    r->auth_sent = 0;
     if (s) {
         xd_session_set_data(s, r->mod->m, NULL, NULL);
         xd_session_close(s, NULL, NULL);
@@ -158,28 +180,44 @@ route_send(route *r, xmpp_stanza_t *st)
     return xd_session_send(r->session, st);
 }
 
+static int route_enqueue(route *r, xmpp_stanza_t *st);
+
 static void
 route_ready(route *r)
 {
+    xd_session *s = r->session;
+    xmpp_stanza_t **q = r->queue;
     int n = r->nq;
+
+    /* Own the queue while sending: a failed send can close the stream and
+     * re-enter this route through the stream-closed hook. */
+    r->queue = NULL;
+    r->nq = r->capq = 0;
+    r->mod->queued -= n;
     r->state = R_READY;
+    r->in_ready = 1;
     route_stop_timers(r);
     xd_info("s2s: %s -> %s: stream authenticated; sending %d queued stanza(s)", r->local,
             r->remote, n);
-    /* In order; a stanza the stream refuses goes back to its sender. */
     for (int i = 0; i < n; i++) {
-        xmpp_stanza_t *st = r->queue[i];
-        if (!r->session || route_send(r, xmpp_stanza_clone(st)) != 0)
-            xd_bounce(st, "wait", "remote-server-timeout", "the stream closed");
+        xmpp_stanza_t *st = q[i];
+        if (r->state == R_READY && r->session == s) {
+            if (route_send(r, xmpp_stanza_clone(st)) != 0)
+                xd_bounce(st, "wait", "remote-server-timeout", "the stream closed");
+        } else
+            route_enqueue(r, st); /* the stream went away: wait for the next one */
         xmpp_stanza_release(st);
     }
-    r->nq = 0;
+    free(q);
+    r->in_ready = 0;
+    if (r->state == R_IDLE && r->nq)
+        route_start(r);
 }
 
 static int
 route_enqueue(route *r, xmpp_stanza_t *st)
 {
-    if (r->nq >= r->mod->queue_limit) {
+    if (r->nq >= r->mod->queue_limit || r->mod->queued >= MAX_QUEUED_TOTAL) {
         xd_bounce(st, "wait", "resource-constraint", "too many stanzas waiting for this domain");
         return -1;
     }
@@ -194,6 +232,7 @@ route_enqueue(route *r, xmpp_stanza_t *st)
         r->capq = cap;
     }
     r->queue[r->nq++] = xmpp_stanza_clone(st);
+    r->mod->queued++;
     return 0;
 }
 
@@ -227,6 +266,7 @@ connect_next(route *r)
         xd_session *s = xd_s2s_connect(r->mod->m, r->local, r->remote,
                                        (const struct sockaddr *)&a->sa, a->len, a->direct_tls);
         if (s) {
+            r->auth_sent = 0;
             xd_debug("s2s: %s -> %s: connecting to %s (%s)", r->local, r->remote,
                      xd_session_peer(s), a->direct_tls ? "direct TLS" : "STARTTLS");
             r->session = s;
@@ -253,6 +293,7 @@ route_start(route *r)
 {
     const static_route *st = static_lookup(r->mod, r->remote);
 
+    r->why[0] = '\0';
     r->state = R_RESOLVING;
     r->deadline = xd_timer_start(r->mod->m, r->mod->connect_timeout, 0, deadline_cb, r);
     if (st) {
@@ -262,6 +303,12 @@ route_start(route *r)
     r->query = s2s_resolve(r->mod->resolver, r->remote, resolved, r);
     if (!r->query)
         route_fail(r, "remote-server-not-found", "the name cannot be resolved");
+}
+
+static int
+is_ip_literal(const char *d)
+{
+    return d[0] == '[' || strspn(d, "0123456789.") == strlen(d);
 }
 
 /* ---- hooks -------------------------------------------------------------------------- */
@@ -274,8 +321,13 @@ deliver_remote(xd_event *ev, void *data)
 
     if (!ev->from || !xd_is_local_host(ev->from->domain))
         return XD_PASS; /* not ours to send: the core bounces it */
+    if (is_ip_literal(ev->to->domain)) {
+        /* No certificate names an address: such a peer could never authenticate. */
+        xd_bounce(ev->stanza, "cancel", "remote-server-not-found", "not a domain name");
+        return XD_HANDLED;
+    }
     if (!(r = route_get(mod, ev->from->domain, ev->to->domain))) {
-        xd_bounce(ev->stanza, "wait", "resource-constraint", NULL);
+        xd_bounce(ev->stanza, "wait", "resource-constraint", "too many remote domains at once");
         return XD_HANDLED;
     }
     if (r->state == R_READY && r->session) {
@@ -303,7 +355,7 @@ stream_closed(xd_event *ev, void *data)
     } else if (r->state == R_READY) {
         xd_debug("s2s: %s -> %s: stream closed", r->local, r->remote);
         r->state = R_IDLE;
-        if (r->nq)
+        if (r->nq && !r->in_ready)
             route_start(r);
     }
     return XD_PASS;
@@ -327,9 +379,10 @@ check_from(xd_event *ev, void *data)
         xd_session_close(ev->session, "invalid-from", "stanza from a domain this stream did not authenticate");
         return XD_DROP;
     }
-    if (!xd_is_local_host(ev->to->domain)) {
-        xd_warn("s2s: %s (%s) sent a stanza for %s, which is not served here",
-                xd_session_peer(ev->session), peer, ev->to->domain);
+    if (strcmp(ev->to->domain, xd_session_host(ev->session)) != 0) {
+        /* The stream was authenticated between the peer and this host only. */
+        xd_warn("s2s: %s (%s) sent a stanza for %s on a stream to %s",
+                xd_session_peer(ev->session), peer, ev->to->domain, xd_session_host(ev->session));
         xd_session_close(ev->session, "host-unknown", NULL);
         return XD_DROP;
     }
@@ -428,6 +481,17 @@ external_auth(xd_session *s, xmpp_stanza_t *el)
         xd_session_close(s, "policy-violation", "refused by policy");
 }
 
+/* This address did not work out: close it; the stream-closed hook tries the
+ * next one, and the route fails only when none is left. */
+static void
+attempt_fail(route *r, xd_session *s, const char *why)
+{
+    xd_warn("s2s: %s -> %s via %s: %s", r->local, r->remote, xd_session_peer(s), why);
+    snprintf(r->why, sizeof(r->why), "%s", why);
+    r->auth_sent = 0;
+    xd_session_close(s, "policy-violation", why);
+}
+
 static int
 sasl_element(xd_session *s, xmpp_stanza_t *el, void *data)
 {
@@ -442,15 +506,17 @@ sasl_element(xd_session *s, xmpp_stanza_t *el, void *data)
             xd_session_close(s, "policy-violation", "unexpected SASL element");
         return XD_HANDLED;
     }
-    if (!r)
+    if (!r || r->session != s) {
+        xd_session_close(s, NULL, NULL);
         return XD_HANDLED;
-    if (!strcmp(name, "success")) {
+    }
+    if (!strcmp(name, "success") && r->auth_sent) {
+        r->auth_sent = 0;
         xd_session_initiator_authenticated(s);
         return XD_HANDLED;
     }
-    xd_warn("s2s: %s -> %s: SASL EXTERNAL refused by the peer (<%s/>)", r->local, r->remote,
-            name);
-    route_fail(r, "remote-server-not-found", "the peer refused our certificate");
+    attempt_fail(r, s, !strcmp(name, "success") ? "SASL success without our <auth/>"
+                                                : "the peer refused our certificate (SASL EXTERNAL)");
     return XD_HANDLED;
 }
 
@@ -466,7 +532,7 @@ features_element(xd_session *s, xmpp_stanza_t *el, void *data)
 
     if (!xd_session_is_initiator(s) || strcmp(xmpp_stanza_get_name(el), "stream:features") != 0)
         return XD_PASS;
-    if (!r) {
+    if (!r || r->session != s) {
         xd_session_close(s, NULL, NULL);
         return XD_HANDLED;
     }
@@ -474,8 +540,12 @@ features_element(xd_session *s, xmpp_stanza_t *el, void *data)
         route_ready(r);
         return XD_HANDLED;
     }
+    if (r->auth_sent) {
+        attempt_fail(r, s, "stream features again before the SASL outcome");
+        return XD_HANDLED;
+    }
     if (!xd_session_verify_peer(s, r->remote, why, sizeof(why))) {
-        route_fail(r, "remote-server-not-found", why);
+        attempt_fail(r, s, why);
         return XD_HANDLED;
     }
     mechs = xmpp_stanza_get_child_by_name_and_ns(el, "mechanisms", NS_SASL);
@@ -487,8 +557,7 @@ features_element(xd_session *s, xmpp_stanza_t *el, void *data)
             break;
     }
     if (!m) {
-        route_fail(r, "remote-server-not-found",
-                   "the peer does not offer SASL EXTERNAL (it may not trust our certificate)");
+        attempt_fail(r, s, "the peer does not offer SASL EXTERNAL (it may not trust our certificate)");
         return XD_HANDLED;
     }
     authz = xd_base64_encode((const unsigned char *)r->local, strlen(r->local));
@@ -497,6 +566,7 @@ features_element(xd_session *s, xmpp_stanza_t *el, void *data)
     xmpp_stanza_set_text(t, authz ? authz : "=");
     xmpp_stanza_add_child_ex(auth, t, 0);
     free(authz);
+    r->auth_sent = 1;
     xd_session_send(s, auth);
     return XD_HANDLED;
 }
@@ -538,7 +608,7 @@ sweep(void *data)
     s2s_mod *mod = data;
     double now = xd_now();
     for (int i = 0; i < NROUTE_BUCKETS; i++)
-        for (route *r = mod->buckets[i]; r; r = r->next)
+        for (route **p = &mod->buckets[i], *r; (r = *p);) {
             if (r->state == R_READY && r->session && now - r->last_used > mod->idle_timeout) {
                 xd_session *s = r->session;
                 xd_debug("s2s: %s -> %s: idle; closing", r->local, r->remote);
@@ -547,6 +617,16 @@ sweep(void *data)
                 xd_session_set_data(s, mod->m, NULL, NULL);
                 xd_session_close(s, NULL, NULL);
             }
+            if (r->state == R_IDLE && !r->nq && !r->session && !r->query && !r->deadline &&
+                now - r->last_used > mod->idle_timeout) {
+                /* nothing left of this domain but memory */
+                *p = r->next;
+                mod->nroutes--;
+                route_free(r);
+                continue;
+            }
+            p = &r->next;
+        }
 }
 
 /* ---- the module --------------------------------------------------------------------- */
@@ -668,17 +748,16 @@ s2s_unload(xd_module *m)
             route *r = mod->buckets[i];
             mod->buckets[i] = r->next;
             route_stop_timers(r);
-            for (int k = 0; k < r->nq; k++)
+            for (int k = 0; k < r->nq; k++) {
+                /* back to the sender (stored offline if that module is loaded) */
+                xd_bounce(r->queue[k], "wait", "remote-server-timeout", "server shutting down");
                 xmpp_stanza_release(r->queue[k]);
+            }
             lost += r->nq;
-            free(r->queue);
-            free(r->addrs);
-            free(r->local);
-            free(r->remote);
-            free(r);
+            route_free(r);
         }
     if (lost)
-        xd_warn("s2s: %d stanza(s) still waiting for a remote stream at shutdown were dropped",
+        xd_warn("s2s: %d stanza(s) still waiting for a remote stream at shutdown were bounced",
                 lost);
     s2s_resolver_free(mod->resolver);
     free(mod);

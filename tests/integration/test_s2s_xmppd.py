@@ -377,22 +377,72 @@ class Blackhole:
         self.sock.close()
 
 
+class Liar:
+    """A fake peer for liar.test: STARTTLS with a self-signed certificate, then
+    it claims SASL success without being asked.  Records what it receives."""
+
+    def __init__(self, federation, host):
+        import threading
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(4)
+        self.sock.settimeout(20)
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        c = federation.certs[EVIL]
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(c.selfsigned_cert, c.key)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        hdr = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+               "xmlns:stream='%s' from='liar.test' id='x' version='1.0'>" % STREAM_NS)
+        try:
+            conn, _ = self.sock.accept()
+            conn.settimeout(10)
+            conn.recv(4096)
+            conn.sendall((hdr + "<stream:features><starttls xmlns='%s'><required/></starttls>"
+                          "</stream:features>" % TLS_NS).encode())
+            conn.recv(4096)
+            conn.sendall(("<proceed xmlns='%s'/>" % TLS_NS).encode())
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+            tls.recv(4096)
+            tls.sendall((hdr + "<success xmlns='%s'/>" % SASL_NS).encode())
+            tls.sendall((hdr + "<stream:features/>").encode())
+            while True:
+                d = tls.recv(65536)
+                if not d:
+                    break
+                self.received += d
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
 @pytest.fixture
 def xmppd_evil(federation, xmppd_b):
     """A short-lived xmppd for evil.test (a valid CA-signed domain here) with a
     1 s idle timeout, a 2 s connect timeout and a static route to a black hole."""
     hole = Blackhole(federation.net.addr(EVIL))
+    liar = Liar(federation, federation.net.addr(EVIL))
     srv = XmppdPeer(federation, EVIL, connect_timeout=2, tag="-" + uniq("t"))
+    srv.liar = liar
     text = srv.config_path.read_text().replace(
         "connect_timeout = 2;",
-        'connect_timeout = 2; idle_timeout = 1; static_routes = ( "blackhole.test=%s:%d" );'
-        % (federation.net.addr(EVIL), hole.port))
+        'connect_timeout = 2; idle_timeout = 1; static_routes = ( "blackhole.test=%s:%d", '
+        '"liar.test=%s:%d" );' % (federation.net.addr(EVIL), hole.port,
+                                  federation.net.addr(EVIL), liar.port))
     srv.config_path.write_text(text)
     srv.add_users(PEER_USERS)
     srv.start()
     yield srv
     rc = srv.terminate()
     hole.close()
+    liar.close()
     assert rc == 0, srv.log_tail()
 
 
@@ -450,6 +500,8 @@ def ca_signed(federation, tmp_path, template):
     ('xmpp_name = "evil.test"\n', True),            # XmppAddr only (RFC 6120 13.7.1.4)
     ('dns_name = "*.evil.test"\n', False),          # a wildcard does not cover the parent
     ('cn = "evil.test"\ndns_name = "other.test"\n', False),  # CN is ignored beside a DNS-ID
+    ('cn = "evil.test"\n', False),                  # ... and without one (RFC 6125 6.4.4)
+    ('cn = "evil.test"\nxmpp_name = "other.test"\n', False),
 ])
 def test_certificate_identities(federation, xmppd_a, tmp_path, ident, accepted):
     template = ('serial = 4242\nexpiration_days = 3\ntls_www_server\ntls_www_client\n'
@@ -469,3 +521,16 @@ def test_certificate_identities(federation, xmppd_a, tmp_path, ident, accepted):
                              r"the certificate does not name evil\.test")
     finally:
         raw.close()
+
+
+def test_unrequested_sasl_success_is_not_trusted(xmppd_evil, fed_clients):
+    e = fed_clients(xmppd_evil, "alice")
+    errors = queue.Queue()
+    e.lt.call(lambda: e.xmpp.add_event_handler("message_error", errors.put))
+    e.send_message("bob@liar.test", "secret for liar.test")
+    m = errors.get(timeout=15)
+    assert m["error"]["condition"] == "remote-server-not-found", str(m)
+    xmppd_evil.wait_log(r"SASL success without our <auth/>|claimed success before its "
+                        r"certificate was verified|certificate")
+    assert b"secret" not in xmppd_evil.liar.received
+    assert b"<message" not in xmppd_evil.liar.received
