@@ -398,11 +398,14 @@ xd_session_send(xd_session *s, xmpp_stanza_t *st)
 
 /* ---- closing ------------------------------------------------------------------ */
 
+/* SESSION_END hooks may write to other sessions, whose failure may end them
+ * and write back to this one: `ending` makes this run once per session. */
 static void
 unbind(xd_session *s)
 {
-    if (s->bound) {
+    if (s->bound && !s->ending) {
         xd_event ev = {.session = s, .from = &s->jid};
+        s->ending = 1;
         xd_hooks_run(XD_HOOK_SESSION_END, &ev);
         xd_router_unbind(s);
     }
@@ -419,8 +422,10 @@ xd_session_close(xd_session *s, const char *condition, const char *text)
     }
     if (condition)
         xd_info("%s: closing stream: %s%s%s", s->peer, condition, text ? ": " : "", text ? text : "");
+    s->closing = 1; /* first: nothing routed to it from here on */
     unbind(s);
-    s->closing = 1;
+    if (s->dead)
+        return;
     ev_io_stop(xd_srv.loop, &s->rio);
     ev_timer_stop(xd_srv.loop, &s->pause_timer);
     if (condition)
@@ -445,8 +450,8 @@ xd_session_kill(xd_session *s)
 {
     if (s->dead)
         return;
+    s->dead = 1; /* first: re-entry through the hooks below stops here */
     unbind(s);
-    s->dead = 1;
     if (!s->closed_hook_run) {
         xd_event ev = {.session = s};
         s->closed_hook_run = 1;

@@ -1,0 +1,114 @@
+"""All the instant-messaging modules loaded together, in the sample config's
+order: the layers meet as they should (a blocked sender's message is not
+stored offline; a contact's presence and an offline message both arrive at
+login; a registered account gets a working roster)."""
+
+import re
+
+import pytest
+
+from xmpp_helpers import USERS, RawStream
+
+MODULES = ("c2s", "roster", "blocking", "offline", "register")
+EXTRA = "register = { open = true; };\n"
+ALICE, BOB = "alice@localhost", "bob@localhost"
+
+
+@pytest.fixture
+def srv(xmppd_factory):
+    return xmppd_factory(modules=MODULES, extra=EXTRA)
+
+
+@pytest.fixture
+def raw(srv):
+    opened = []
+
+    def make(jid, resource):
+        r = RawStream(srv)
+        r.login(jid, USERS[jid], resource)
+        opened.append(r)
+        return r
+
+    yield make
+    for r in opened:
+        try:
+            r.send("</stream:stream>")
+        except OSError:
+            pass
+        r.close()
+
+
+def iq_result(r, ident):
+    out = r.expect(re.compile(rb"<iq\b[^>]*id=[\"']%s[\"'][^>]*(?:/>|>.*?</iq>)" % ident.encode(),
+                              re.S))
+    assert re.search(rb"type=[\"']result[\"']", out), out
+    return out
+
+
+def test_blocked_sender_is_not_stored_offline(srv, raw):
+    alice = raw(ALICE, "a")
+    alice.send("<iq type='set' id='blk'><block xmlns='urn:xmpp:blocking'>"
+               "<item jid='%s'/></block></iq>" % BOB)
+    iq_result(alice, "blk")
+    alice.send("</stream:stream>")
+    alice.close()
+    bob = raw(BOB, "b")
+    bob.send("<message to='%s' id='m1' type='chat'><body>let me in</body></message>" % ALICE)
+    err = bob.expect(re.compile(rb"<message\b[^>]*id=[\"']m1[\"'].*?</message>", re.S))
+    assert b"service-unavailable" in err, err
+    alice2 = raw(ALICE, "a2")
+    alice2.send("<presence/>")
+    alice2.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    out = iq_result(alice2, "p")
+    assert b"let me in" not in alice2.buf + out
+
+
+def test_subscription_then_offline_message_and_presence_at_login(srv, raw):
+    alice, bob = raw(ALICE, "a"), raw(BOB, "b")
+    bob.send("<presence/>")            # requests reach available resources
+    bob.expect(re.compile(rb"<presence\b[^>]*from=[\"']bob@localhost/b[\"']"), what="own echo")
+    alice.send("<presence to='%s' type='subscribe'/>" % BOB)
+    bob.expect(re.compile(rb"<presence\b[^>]*type=[\"']subscribe[\"']"))
+    bob.send("<presence to='%s' type='subscribed'/>" % ALICE)
+    alice.send("<presence/>")
+    alice.expect(re.compile(rb"<presence\b[^>]*from=[\"']bob@localhost/b[\"']"), what="bob online")
+    bob.send("</stream:stream>")
+    bob.expect(re.compile(rb"</stream:stream>"), what="the server closing bob's stream")
+    bob.close()
+    alice.expect(re.compile(rb"<presence\b[^>]*from=[\"']bob@localhost/b[\"'][^>]*unavailable|"
+                            rb"<presence\b[^>]*unavailable[^>]*from=[\"']bob@localhost/b[\"']"),
+                 what="bob gone")
+    alice.send("<message to='%s' id='off' type='chat'><body>while you were out</body></message>"
+               % BOB)
+    bob2 = raw(BOB, "b2")
+    bob2.send("<presence/>")
+    got = bob2.expect(re.compile(rb"<message\b.*?while you were out.*?</message>", re.S))
+    assert b"urn:xmpp:delay" in got, got
+    # alice, subscribed to bob, sees bob come back
+    alice.expect(re.compile(rb"<presence\b[^>]*from=[\"']bob@localhost/b2[\"']"),
+                 what="bob back online")
+
+
+def test_registered_account_has_a_roster(srv):
+    r = RawStream(srv)
+    try:
+        r.open_stream()
+        r.starttls()
+        r.open_stream()
+        r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'>"
+               "<username>carol</username><password>carol-Secret-9</password></query></iq>")
+        iq_result(r, "reg")
+    finally:
+        r.close()
+    c = RawStream(srv)
+    try:
+        c.login("carol@localhost", "carol-Secret-9", "c")
+        c.send("<iq type='set' id='rs'><query xmlns='jabber:iq:roster'>"
+               "<item jid='alice@localhost' name='Alice'/></query></iq>")
+        iq_result(c, "rs")
+        c.send("<iq type='get' id='rg'><query xmlns='jabber:iq:roster'/></iq>")
+        out = iq_result(c, "rg")
+        assert b"alice@localhost" in out
+    finally:
+        c.send("</stream:stream>")
+        c.close()
