@@ -56,7 +56,7 @@ class XmppdPeer:
             "listeners = ( { stream = \"c2s\"; address = \"%s\"; port = %d; tls = \"starttls\"; },\n"
             "              { stream = \"s2s\"; address = \"%s\"; port = %d; tls = \"starttls\"; } );\n"
             % (self.host, self.c2s_port, self.host, self.s2s_port) +
-            'modules = ( "c2s", "s2s_external" );\n'
+            'modules = ( "c2s", "roster", "offline", "s2s_external" );\n'
             's2s_external = { ca_file = "%s"; dns_servers = "%s"; connect_timeout = %d; };\n'
             % (fed.certs.ca, fed.net.dns_server, connect_timeout))
         self.users = {}
@@ -534,3 +534,31 @@ def test_unrequested_sasl_success_is_not_trusted(xmppd_evil, fed_clients):
                         r"certificate was verified|certificate")
     assert b"secret" not in xmppd_evil.liar.received
     assert b"<message" not in xmppd_evil.liar.received
+
+
+def test_subscription_and_presence_across_federation(xmppd_a, prosody_peer, fed_clients):
+    """RFC 6121 with a remote contact: the handshake reaches 'both' on our side
+    (Prosody's slixmpp user auto-approves and subscribes back), and presence
+    flows both ways."""
+    a = fed_clients(xmppd_a, "bob")
+    p = fed_clients(prosody_peer, "bob")
+    a.lt.call(lambda: a.xmpp.send_presence(pto=p.bare_jid, ptype="subscribe"))
+    deadline = time.monotonic() + 20
+    sub = None
+    while time.monotonic() < deadline:
+        r = a.iq(None, "<query xmlns='jabber:iq:roster'/>")
+        items = {str(j): d["subscription"] for j, d in r["roster"]["items"].items()}
+        sub = items.get(p.bare_jid)
+        if sub == "both":
+            break
+        time.sleep(0.3)
+    assert sub == "both", (sub, str(r))
+    # presence: bob@prosody goes away and comes back; our bob sees it
+    got = queue.Queue()
+    a.lt.call(lambda: a.xmpp.add_event_handler("presence_available", got.put))
+    p.lt.call(lambda: p.xmpp.send_presence(pstatus="back again"))
+    deadline = time.monotonic() + 15
+    while True:
+        pres = got.get(timeout=max(0.1, deadline - time.monotonic()))
+        if str(pres["from"]).startswith(p.bare_jid) and pres["status"] == "back again":
+            break
