@@ -50,6 +50,7 @@ typedef struct blk_conf {
     /* the cache: chained hash of blk_user by bare JID */
     blk_user **buckets;
     size_t nbuckets, count;
+    int announcing; /* sending our own unavailable presence to newly blocked JIDs */
 } blk_conf;
 
 /* ---- the cache ----------------------------------------------------------- */
@@ -390,6 +391,26 @@ blk_outbound(xd_event *ev, void *data)
     return XD_HANDLED;
 }
 
+/* XD_HOOK_ROUTE: presence a local user's server sends on the user's behalf
+ * (roster broadcasts, probes, directed presence) never reaches a JID the user
+ * blocked (XEP-0191 3.3). */
+static int
+blk_route(xd_event *ev, void *data)
+{
+    blk_conf *c = data;
+    xd_jid user;
+
+    if (c->announcing || !ev->from || !ev->to || !ev->from->local[0] ||
+        strcmp(xmpp_stanza_get_name(ev->stanza), "presence") != 0 ||
+        !xd_is_local_host(ev->from->domain))
+        return XD_PASS;
+    user = *ev->from;
+    xd_jid_to_bare(&user);
+    if (exempt(&user, ev->to) || !is_blocked(c, &user, ev->to))
+        return XD_PASS;
+    return XD_DROP;
+}
+
 /* ---- the protocol ----------------------------------------------------------- */
 
 /* Only the account's own bound resources may see or change its list. */
@@ -629,7 +650,9 @@ do_block(blk_conf *c, xd_event *ev, blk_user *u, const char *bare, xmpp_stanza_t
     {
         /* 3.3: the blocked entity sees the user go offline */
         unavail_ctx uc = {&l, fresh};
+        c->announcing = 1;
         xd_user_sessions(ev->to, unavail_from, &uc);
+        c->announcing = 0;
     }
     xd_info("blocking: %s blocked %zu JID(s)", bare, added);
 out:
@@ -773,6 +796,7 @@ blk_load(xd_module *m)
     r |= xd_iq_register(m, XD_IQ_ACCOUNT, "set", NS_BLOCKING, iq_set, c);
     r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, blk_inbound, c, XD_PRIO_HIGH);
     r |= xd_hook(m, XD_HOOK_C2S_STANZA, blk_outbound, c, XD_PRIO_HIGH);
+    r |= xd_hook(m, XD_HOOK_ROUTE, blk_route, c, XD_PRIO_HIGH);
     r |= xd_hook(m, XD_HOOK_SESSION_END, blk_session_end, c, XD_PRIO_DEFAULT);
     r |= xd_disco_add_feature(m, NS_BLOCKING);
     r |= xd_disco_add_account_feature(m, NS_BLOCKING);

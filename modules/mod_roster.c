@@ -1202,6 +1202,9 @@ roster_deliver_local(xd_event *ev, void *data)
         } else if (c.it.flags & F_PREAPP) {
             c.it.flags = (c.it.flags & ~(unsigned)F_PREAPP) | F_FROM;
             reply = pres = 1;
+        } else if (c.it.flags & F_PENDIN) {
+            /* Appendix A.2.1: already pending: no change, not delivered again
+             * (and no storage write a stranger could repeat at will) */
         } else {
             c.it.flags |= F_PENDIN;
             c.pending = pending_xml(ev->stanza, peer, owner);

@@ -112,3 +112,47 @@ def test_registered_account_has_a_roster(srv):
     finally:
         c.send("</stream:stream>")
         c.close()
+
+
+def subscribe_both(alice, bob):
+    for me, other, mj, oj in ((alice, bob, ALICE, BOB), (bob, alice, BOB, ALICE)):
+        me.send("<presence to='%s' type='subscribe'/>" % oj)
+        other.expect(re.compile(rb"<presence\b[^>]*type=[\"']subscribe[\"']"), what="request")
+        other.send("<presence to='%s' type='subscribed'/>" % mj)
+
+
+def test_blocked_contact_gets_no_presence(srv, raw):
+    alice, bob = raw(ALICE, "a"), raw(BOB, "b")
+    for r, j in ((alice, "alice@localhost/a"), (bob, "bob@localhost/b")):
+        r.send("<presence/>")
+        r.expect(re.compile(rb"<presence\b[^>]*from=[\"']%s[\"']" % j.encode()), what="echo")
+    subscribe_both(alice, bob)
+    alice.send("<presence><show>chat</show></presence>")
+    bob.expect(re.compile(rb"<presence\b[^>]*from=[\"']alice@localhost/a[\"'][^>]*>\s*<show>chat"),
+               what="alice's presence while not blocked")
+    alice.send("<iq type='set' id='blk'><block xmlns='urn:xmpp:blocking'>"
+               "<item jid='%s'/></block></iq>" % BOB)
+    iq_result(alice, "blk")
+    bob.expect(re.compile(rb"<presence\b[^>]*type=[\"']unavailable[\"']"), what="unavailable")
+    alice.send("<presence><show>away</show></presence>")
+    # a ping after it: if the presence were routed to bob it would come first
+    alice.send("<iq type='get' id='p2' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    iq_result(alice, "p2")
+    bob.send("<iq type='get' id='p3' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    out = iq_result(bob, "p3")
+    assert b"<show>away" not in bob.buf + out
+
+
+def test_duplicate_subscribe_delivered_once(srv, raw):
+    alice, bob = raw(ALICE, "a"), raw(BOB, "b")
+    alice.send("<presence/>")
+    alice.expect(re.compile(rb"<presence\b[^>]*from=[\"']alice@localhost/a[\"']"), what="echo")
+    for _ in range(3):
+        bob.send("<presence to='%s' type='subscribe'/>" % ALICE)
+    bob.send("<iq type='get' id='p4' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    iq_result(bob, "p4")
+    alice.send("<iq type='get' id='p5' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    out = iq_result(alice, "p5")
+    seen = alice.transcript_text() if hasattr(alice, "transcript_text") else \
+        b"".join(d for who, d in alice.transcript if who == "S")
+    assert len(re.findall(rb"type=[\"']subscribe[\"']", seen)) == 1, seen
