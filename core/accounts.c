@@ -17,6 +17,7 @@
 
 #include <xmppd/module.h>
 
+#include "server.h"
 #include "store.h"
 
 #define ACCOUNTS_TABLE "accounts"
@@ -239,12 +240,36 @@ int xd_account_delete(const xd_jid *bare)
     xd_db *db;
     int klen, ret;
 
+    xd_txn *txn = NULL;
+    xd_event ev = {0};
+    xd_jid who;
+
     if ((klen = account_key(bare, key, sizeof(key))) < 0 || !(db = accounts_table()))
         return -1;
-    /* Per-user data of modules goes through their own hooks later. */
-    ret = xd_db_del(db, NULL, key, (size_t)klen);
-    if (ret == 0)
-        xd_info("accounts: deleted %s", key);
+    if ((ret = xd_account_exists(bare)) != 1)
+        return ret == 0 ? XD_NOTFOUND : -1;
+    /* Modules still holding the data say goodbye first (unsubscribe contacts...). */
+    who = *bare;
+    who.resource[0] = '\0';
+    ev.from = &who;
+    xd_hooks_run(XD_HOOK_ACCOUNT_REMOVED, &ev);
+    /* Then the account and every record keyed "user\0..." go in one transaction,
+     * so a name registered again later inherits nothing. */
+    if (xd_txn_begin(&txn) != 0)
+        return -1;
+    ret = xd_db_del(db, txn, key, (size_t)klen);
+    if (ret == 0) {
+        char prefix[XD_JID_STR_MAX + 1];
+        memcpy(prefix, key, (size_t)klen);
+        prefix[klen] = '\0';
+        ret = xd_store_purge_prefix(txn, prefix, (size_t)klen + 1);
+    }
+    if (ret != 0) {
+        xd_txn_abort(txn);
+        return ret;
+    }
+    if ((ret = xd_txn_commit(txn)) == 0)
+        xd_info("accounts: deleted %s and its data", key);
     return ret;
 }
 

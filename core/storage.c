@@ -5,6 +5,7 @@
  * is used everywhere: a committed transaction survives a kill -9.
  */
 #include <db.h>
+#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdint.h>
@@ -569,4 +570,79 @@ int xd_db_foreach(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, xd_db
     free(from);
     free(b);
     return ret;
+}
+
+/* ---- per-user purge --------------------------------------------------------- */
+
+typedef struct key_list {
+    void **k;
+    size_t *len;
+    size_t n, cap;
+} key_list;
+
+static int
+collect_key(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    key_list *l = data;
+    (void)val;
+    (void)vlen;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        void **k = realloc(l->k, cap * sizeof(*k));
+        size_t *len = k ? realloc(l->len, cap * sizeof(*len)) : NULL;
+        if (!k || !len) {
+            if (k)
+                l->k = k;
+            return -1;
+        }
+        l->k = k;
+        l->len = len;
+        l->cap = cap;
+    }
+    if (!(l->k[l->n] = malloc(klen ? klen : 1)))
+        return -1;
+    memcpy(l->k[l->n], key, klen);
+    l->len[l->n++] = klen;
+    return 0;
+}
+
+/*
+ * Delete every record whose key starts with prefix, in every table of the
+ * environment (opened or not): the convention is that per-user data is keyed
+ * "bare JID" NUL ..., so removing an account leaves nothing behind even when
+ * the modules that wrote it are not loaded (xmppctl).
+ */
+int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen)
+{
+    const char *home = NULL;
+    DIR *d;
+    struct dirent *e;
+    int rc = 0;
+
+    if (!store.env || store.env->get_home(store.env, &home) != 0 || !home || !(d = opendir(home)))
+        return -1;
+    while (rc == 0 && (e = readdir(d))) {
+        char name[TABLE_NAME_MAX + 1];
+        size_t len = strlen(e->d_name);
+        key_list l = {0};
+        xd_db *t;
+
+        if (len < 4 || len - 3 > TABLE_NAME_MAX || strcmp(e->d_name + len - 3, ".db") != 0)
+            continue;
+        memcpy(name, e->d_name, len - 3);
+        name[len - 3] = '\0';
+        if (!valid_table_name(name) || !(t = xd_db_open(name)))
+            continue;
+        if (xd_db_foreach(t, txn, prefix, plen, collect_key, &l) < 0)
+            rc = -1;
+        for (size_t i = 0; i < l.n; i++) {
+            if (rc == 0 && xd_db_del(t, txn, l.k[i], l.len[i]) < 0)
+                rc = -1;
+            free(l.k[i]);
+        }
+        free(l.k);
+        free(l.len);
+    }
+    closedir(d);
+    return rc;
 }

@@ -12,6 +12,8 @@ int xd_store_open(const char *dir);
 void xd_store_close(void);
 /* Flush the log to disk (used on shutdown and periodically). */
 void xd_store_flush(void);
+/* Delete every record keyed with prefix, in every table (account removal). */
+int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen);
 
 /*
  * Accounts live in the table "accounts": key = bare JID string, value = a

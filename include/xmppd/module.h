@@ -72,6 +72,8 @@ typedef enum xd_hook_id {
     XD_HOOK_STREAM_CLOSED,  /* any stream is gone (connect failed, closed, killed): session */
     XD_HOOK_PRESENCE_OUT,   /* a client's broadcast presence (no 'to') was recorded: session,
                                stanza, from; flags has XD_EVENT_INITIAL on its first available one */
+    XD_HOOK_ACCOUNT_REMOVED, /* an account is being deleted (from = its bare JID); its records
+                                keyed "bare JID\0..." in every table are purged right after */
     XD_HOOK_COUNT
 } xd_hook_id;
 
@@ -237,7 +239,10 @@ int xd_account_exists(const xd_jid *bare);
 int xd_account_credentials(const xd_jid *bare, xd_scram_hash mech, xd_scram_creds *out);
 /* Check a plaintext password against the stored salted keys (PLAIN). 1 match, 0 no, -1. */
 int xd_account_check_password(const xd_jid *bare, const char *password);
-/* Create (-2 if it exists), change the password of (XD_NOTFOUND), delete (XD_NOTFOUND). */
+/* Create (-2 if it exists), change the password of (XD_NOTFOUND), delete (XD_NOTFOUND).
+ * Deleting runs XD_HOOK_ACCOUNT_REMOVED, then purges every record whose key
+ * starts with the bare JID and a NUL byte, in every table: key per-user data
+ * that way and it leaves with the account. */
 int xd_account_create(const xd_jid *bare, const char *password);
 int xd_account_set_password(const xd_jid *bare, const char *password);
 int xd_account_delete(const xd_jid *bare);

@@ -156,3 +156,54 @@ def test_duplicate_subscribe_delivered_once(srv, raw):
     seen = alice.transcript_text() if hasattr(alice, "transcript_text") else \
         b"".join(d for who, d in alice.transcript if who == "S")
     assert len(re.findall(rb"type=[\"']subscribe[\"']", seen)) == 1, seen
+
+
+def register(srv, user, password):
+    r = RawStream(srv)
+    try:
+        r.open_stream()
+        r.starttls()
+        r.open_stream()
+        r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'>"
+               "<username>%s</username><password>%s</password></query></iq>" % (user, password))
+        iq_result(r, "reg")
+    finally:
+        r.close()
+
+
+def test_removed_account_leaves_nothing_to_its_successor(srv, raw):
+    register(srv, "carol", "carol-Secret-9")
+    c = RawStream(srv)
+    c.login("carol@localhost", "carol-Secret-9", "c")
+    c.send("<iq type='set' id='rs'><query xmlns='jabber:iq:roster'>"
+           "<item jid='lawyer@example.org' name='my lawyer'/></query></iq>")
+    iq_result(c, "rs")
+    c.send("<iq type='set' id='bl'><block xmlns='urn:xmpp:blocking'>"
+           "<item jid='stalker@example.net'/></block></iq>")
+    iq_result(c, "bl")
+    c.send("</stream:stream>")
+    c.expect(re.compile(rb"</stream:stream>"))
+    c.close()
+    bob = raw(BOB, "b")
+    bob.send("<message to='carol@localhost' id='n1' type='chat'><body>private note</body></message>")
+    bob.send("<iq type='get' id='pb' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    iq_result(bob, "pb")
+    c = RawStream(srv)
+    c.login("carol@localhost", "carol-Secret-9", "c")
+    c.send("<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>")
+    iq_result(c, "rm")
+    c.close()
+    register(srv, "carol", "other-Secret-7")
+    n = RawStream(srv)
+    try:
+        n.login("carol@localhost", "other-Secret-7", "n")
+        n.send("<presence/>")
+        n.send("<iq type='get' id='rg'><query xmlns='jabber:iq:roster'/></iq>")
+        roster = iq_result(n, "rg")
+        n.send("<iq type='get' id='bg'><blocklist xmlns='urn:xmpp:blocking'/></iq>")
+        blocks = iq_result(n, "bg")
+        assert b"lawyer" not in roster and b"stalker" not in blocks, (roster, blocks)
+        assert b"private note" not in n.buf + roster + blocks
+    finally:
+        n.send("</stream:stream>")
+        n.close()
