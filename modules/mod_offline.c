@@ -67,12 +67,28 @@ typedef struct meta {
 
 /* A session's delivery state: how far it has read the user's messages, and
  * the timer of the next round when a backlog is being sent. */
+typedef struct sent_rec {
+    unsigned char seq[SEQ_LEN];
+    size_t rlen;
+} sent_rec;
+
+/*
+ * Delivery to one session.  A round's messages are deleted only when the
+ * client has answered the XEP-0199 ping sent right after them: an answer
+ * (result or error) means it read everything before it.  If the stream dies
+ * first they stay stored and come again.  The answer also paces the rounds.
+ */
 typedef struct flush_state {
     offline *o;
     xd_session *s;
     xd_timer *timer;
     unsigned char after[SEQ_LEN]; /* last sequence handled (delivered or skipped) */
     int has_after;
+    sent_rec unacked[BATCH_MAX_MSGS]; /* sent, waiting for the ping's answer */
+    int nunacked;
+    int more;                        /* the store had more than this round */
+    char ack_id[40];                 /* the ping in flight, or "" */
+    unsigned long nping;
 } flush_state;
 
 /* ---- encoding --------------------------------------------------------------------- */
@@ -365,32 +381,27 @@ add_delay(xmpp_stanza_t *st, const char *domain, long long when)
 
 /* Delete the delivered records and update the count, in one transaction. */
 static void
-forget_delivered(offline *o, const char *prefix, size_t plen, batch *b, const int *sent)
+forget_acked(offline *o, const char *prefix, size_t plen, const sent_rec *done, int n)
 {
     unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
     xd_txn *txn;
     meta mt;
-    int any = 0;
 
-    for (int i = 0; i < b->n; i++)
-        any |= sent[i];
-    if (!any)
+    if (n <= 0)
         return;
     if (xd_txn_begin(&txn) != 0)
         return;
     if (meta_load(o, txn, prefix, plen, &mt) != 0)
         goto abort;
     memcpy(key, prefix, plen);
-    for (int i = 0; i < b->n; i++) {
+    for (int i = 0; i < n; i++) {
         int r;
-        if (!sent[i])
-            continue;
-        memcpy(key + plen, b->items[i].seq, SEQ_LEN);
+        memcpy(key + plen, done[i].seq, SEQ_LEN);
         if ((r = xd_db_del(o->msgs, txn, key, plen + SEQ_LEN)) < 0)
             goto abort;
         if (r == 0) {
             mt.count = mt.count ? mt.count - 1 : 0;
-            mt.bytes = mt.bytes >= b->items[i].rlen ? mt.bytes - b->items[i].rlen : 0;
+            mt.bytes = mt.bytes >= done[i].rlen ? mt.bytes - done[i].rlen : 0;
         }
     }
     /* kept even at zero: the sequence must keep growing (see the header) */
@@ -406,6 +417,31 @@ abort:
 
 static void flush_tick(void *data);
 
+/* The ping after a round; its answer confirms the round (see flush_state). */
+static void
+ask_ack(flush_state *fs, const char *user)
+{
+    char full[XD_JID_STR_MAX];
+    xmpp_stanza_t *iq = xd_stanza_new("iq", NULL);
+
+    snprintf(fs->ack_id, sizeof(fs->ack_id), "offline-ack-%lu", ++fs->nping);
+    if (!iq || xd_jid_format(xd_session_jid(fs->s), 1, full, sizeof(full)) < 0) {
+        if (iq)
+            xmpp_stanza_release(iq);
+        fs->ack_id[0] = '\0';
+        return; /* nothing confirmed: the messages stay stored */
+    }
+    xmpp_stanza_set_type(iq, "get");
+    xmpp_stanza_set_id(iq, fs->ack_id);
+    xmpp_stanza_set_from(iq, xd_session_host(fs->s));
+    xmpp_stanza_set_to(iq, full);
+    xmpp_stanza_add_child_ex(iq, xd_stanza_new("ping", "urn:xmpp:ping"), 0);
+    if (xd_session_send(fs->s, iq) != 0) {
+        fs->ack_id[0] = '\0';
+        xd_debug("offline: %s: stream gone before the round was confirmed; kept", user);
+    }
+}
+
 /* One delivery round for a session: up to BATCH_MAX_MSGS messages. */
 static void
 flush_batch(flush_state *fs)
@@ -415,7 +451,6 @@ flush_batch(flush_state *fs)
     char prefix[XD_JID_STR_MAX + 1];
     xd_jid bare = *xd_session_jid(s);
     batch *b;
-    int sent[BATCH_MAX_MSGS] = {0};
     int alive = 1;
     size_t plen;
 
@@ -447,15 +482,18 @@ flush_batch(flush_state *fs)
             alive = 0; /* the stream is gone: what is left stays stored */
             break;
         }
-        sent[i] = 1;
+        memcpy(fs->unacked[fs->nunacked].seq, p->seq, SEQ_LEN);
+        fs->unacked[fs->nunacked++].rlen = p->rlen;
         memcpy(fs->after, p->seq, SEQ_LEN);
         fs->has_after = 1;
     }
-    forget_delivered(o, prefix, plen, b, sent);
     if (b->n)
         xd_debug("offline: %s: delivery round of %d stored message(s)%s", prefix, b->n,
                  alive && b->full ? ", more to follow" : "");
-    if (alive && b->full)
+    fs->more = b->full;
+    if (alive && fs->nunacked)
+        ask_ack(fs, prefix);
+    else if (alive && b->full)
         fs->timer = xd_timer_start(o->m, BATCH_INTERVAL, 0, flush_tick, fs);
     for (int i = 0; i < b->n; i++)
         free(b->items[i].text);
@@ -503,10 +541,37 @@ offline_presence(xd_event *ev, void *data)
         fs->s = s;
         xd_session_set_data(s, o->m, fs, flush_state_free);
     }
-    if (fs->timer)
+    if (fs->timer || fs->ack_id[0])
         return XD_PASS; /* a backlog is already on its way */
     flush_batch(fs);
     return XD_PASS;
+}
+
+/* XD_HOOK_C2S_STANZA: the client's answer to our ping confirms the round. */
+static int
+offline_ack(xd_event *ev, void *data)
+{
+    offline *o = data;
+    xd_session *s = ev->session;
+    flush_state *fs = s ? xd_session_get_data(s, o->m) : NULL;
+    const char *type = xmpp_stanza_get_type(ev->stanza), *id = xmpp_stanza_get_id(ev->stanza);
+    char prefix[XD_JID_STR_MAX + 1];
+    xd_jid bare;
+    size_t plen;
+
+    if (!fs || !fs->ack_id[0] || !id || strcmp(id, fs->ack_id) != 0 || !type ||
+        (strcmp(type, "result") && strcmp(type, "error")) ||
+        strcmp(xmpp_stanza_get_name(ev->stanza), "iq") != 0)
+        return XD_PASS;
+    fs->ack_id[0] = '\0';
+    bare = *xd_session_jid(s);
+    xd_jid_to_bare(&bare);
+    if ((plen = user_prefix(&bare, prefix, sizeof(prefix))))
+        forget_acked(o, prefix, plen, fs->unacked, fs->nunacked);
+    fs->nunacked = 0;
+    if (fs->more && deliverable(s))
+        flush_batch(fs); /* the next round, paced by the client's reading */
+    return XD_HANDLED;
 }
 
 /* ---- the module ----------------------------------------------------------------------------- */
@@ -558,6 +623,7 @@ offline_load(xd_module *m)
     }
     r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, offline_deliver, o, XD_PRIO_LOW);
     r |= xd_hook(m, XD_HOOK_PRESENCE_OUT, offline_presence, o, XD_PRIO_LOW);
+    r |= xd_hook(m, XD_HOOK_C2S_STANZA, offline_ack, o, XD_PRIO_FIRST);
     r |= xd_disco_add_feature(m, FEATURE_MSGOFFLINE);
     return r ? -1 : 0;
 }

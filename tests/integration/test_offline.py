@@ -371,3 +371,26 @@ def test_check_config(xmppd_factory):
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     assert "quota" in out and ":%d" % line_of(bad.config, "quota = -1") in out, out
+
+
+def test_messages_not_confirmed_by_a_dead_reader_are_kept(server, clients):
+    """A client that logs in, stalls and vanishes mid-backlog loses nothing:
+    a round is deleted only once the client answered the ping after it."""
+    import re
+    import socket
+    from xmpp_helpers import RawStream
+
+    alice = login(clients, server, ALICE, "home")
+    sent = [send_raw(alice, BOB, body_xml("%d %s" % (i, "z" * 60000)), sync=False)
+            for i in range(40)]
+    alice.ping_server()
+    stalled = RawStream(server)
+    stalled.login(BOB, USERS[BOB], "stalled")
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.send("<presence/>")
+    time.sleep(1.5)                      # reads nothing, answers no ping
+    stalled.sock.close()
+    bob = login(clients, server, BOB, "phone")
+    got = [next_message(bob, what="message %d" % i)["id"] for i in range(len(sent))]
+    assert sorted(got) == sorted(sent)
+    assert_nothing_pending(alice, bob)
