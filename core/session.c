@@ -20,6 +20,7 @@ static xd_session *graveyard;
 
 static void session_flush(xd_session *s);
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void connect_cb(struct ev_loop *loop, ev_io *w, int revents);
 
 static void
 format_peer(xd_session *s)
@@ -85,6 +86,28 @@ write_cb(struct ev_loop *loop, ev_io *w, int revents)
         xd_session_kill(s);
 }
 
+/* What every session needs once s->fd and s->addr are set: a parser, its
+ * watchers and timers, and a place in the list of sessions.  write_fn is
+ * write_cb, or connect_cb while an outgoing connection is being made. */
+static int
+session_setup(xd_session *s, void (*write_fn)(struct ev_loop *, ev_io *, int))
+{
+    format_peer(s);
+    if (xd_stream_init(s) != 0)
+        return -1;
+    ev_io_init(&s->rio, read_cb, s->fd, EV_READ);
+    ev_io_init(&s->wio, write_fn, s->fd, EV_WRITE);
+    s->rio.data = s->wio.data = s;
+    ev_timer_init(&s->timer, timeout_cb, xd_srv.conf.handshake_timeout, 0);
+    ev_timer_init(&s->pause_timer, pause_cb, 0, 0);
+    s->next = xd_srv.sessions;
+    if (s->next)
+        s->next->prev = s;
+    xd_srv.sessions = s;
+    xd_srv.nsessions++;
+    return 0;
+}
+
 xd_session *
 xd_session_new(const xd_listener *l, int fd, const struct sockaddr *sa, socklen_t len)
 {
@@ -99,21 +122,10 @@ xd_session_new(const xd_listener *l, int fd, const struct sockaddr *sa, socklen_
     if (len > sizeof(s->addr))
         len = sizeof(s->addr);
     memcpy(&s->addr, sa, len);
-    format_peer(s);
-    if (xd_stream_init(s) != 0) {
+    if (session_setup(s, write_cb) != 0) {
         free(s);
         return NULL;
     }
-    ev_io_init(&s->rio, read_cb, fd, EV_READ);
-    ev_io_init(&s->wio, write_cb, fd, EV_WRITE);
-    s->rio.data = s->wio.data = s;
-    ev_timer_init(&s->timer, timeout_cb, xd_srv.conf.handshake_timeout, 0);
-    ev_timer_init(&s->pause_timer, pause_cb, 0, 0);
-    s->next = xd_srv.sessions;
-    if (s->next)
-        s->next->prev = s;
-    xd_srv.sessions = s;
-    xd_srv.nsessions++;
 
     ev.session = s;
     ev.addr = (const struct sockaddr *)&s->addr;
@@ -780,22 +792,11 @@ xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
     memcpy(&s->addr, sa, len);
     snprintf(s->host, sizeof(s->host), "%s", local_host);
     snprintf(s->remote, sizeof(s->remote), "%s", remote_domain);
-    format_peer(s);
-    if (xd_stream_init(s) != 0) {
+    if (session_setup(s, connect_cb) != 0) {
         close(fd);
         free(s);
         return NULL;
     }
-    ev_io_init(&s->rio, read_cb, fd, EV_READ);
-    ev_io_init(&s->wio, connect_cb, fd, EV_WRITE);
-    s->rio.data = s->wio.data = s;
-    ev_timer_init(&s->timer, timeout_cb, xd_srv.conf.handshake_timeout, 0);
-    ev_timer_init(&s->pause_timer, pause_cb, 0, 0);
-    s->next = xd_srv.sessions;
-    if (s->next)
-        s->next->prev = s;
-    xd_srv.sessions = s;
-    xd_srv.nsessions++;
     ev_io_start(xd_srv.loop, &s->wio);
     ev_timer_start(xd_srv.loop, &s->timer);
     return s;
