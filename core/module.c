@@ -415,6 +415,13 @@ xd_disco_add_identity(xd_module *m, const char *category, const char *type, cons
     return category && type ? disco_add(m, 0, category, type, name) : -1;
 }
 
+int
+xd_disco_add_account_identity(xd_module *m, const char *category, const char *type,
+                              const char *name)
+{
+    return category && type ? disco_add(m, 1, category, type, name) : -1;
+}
+
 static void
 add_identity(xmpp_stanza_t *query, const char *category, const char *type, const char *name)
 {
@@ -433,7 +440,7 @@ fill(xmpp_stanza_t *query, int account)
 {
     for (int i = 0; i < reg.ndisco; i++) {
         disco_entry *e = &reg.disco[i];
-        if (e->b && !account)
+        if (e->b && e->account == account)
             add_identity(query, e->a, e->b, e->c);
     }
     if (account)

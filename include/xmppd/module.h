@@ -124,8 +124,11 @@ int xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns
 /* XEP-0030 features and identities the server advertises. */
 int xd_disco_add_feature(xd_module *m, const char *ns);
 int xd_disco_add_identity(xd_module *m, const char *category, const char *type, const char *name);
-/* Features of every local account's bare JID (PEP, blocking...). */
+/* Features and identities of every local account's bare JID (PEP, blocking...);
+ * account/registered is always there. */
 int xd_disco_add_account_feature(xd_module *m, const char *ns);
+int xd_disco_add_account_identity(xd_module *m, const char *category, const char *type,
+                                  const char *name);
 /* Fill a <query xmlns='http://jabber.org/protocol/disco#info'/> with the server's data. */
 void xd_disco_fill_info(xmpp_stanza_t *query);
 /* The same for an account (identity account/registered and account features). */
