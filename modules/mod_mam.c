@@ -1,0 +1,1317 @@
+/*
+ * mod_mam: XEP-0313 Message Archive Management (urn:xmpp:mam:2) for local
+ * users' one-to-one messages, with XEP-0359 stanza ids.
+ *
+ * What is archived (XEP-0313 5): messages of type chat or normal that carry
+ * a <body/>, an OMEMO <encrypted/> payload (XEP-0384, legacy and v2
+ * namespaces) or a XEP-0334 <store/> hint, and no <no-store/> or
+ * <no-permanent-store/> hint.  Error, groupchat and headline messages are
+ * never archived (nor chat states without a body).
+ *   - outgoing: XD_HOOK_C2S_STANZA, into the sender's archive (a message to
+ *     the user's own bare JID is left to the incoming side, once);
+ *   - incoming: XD_HOOK_DELIVER_LOCAL at XD_PRIO_DEFAULT + 1, after blocking
+ *     (XD_PRIO_HIGH) refused what it refuses and before offline storage
+ *     (XD_PRIO_LOW), into the recipient's archive.  The delivered (or
+ *     offline-stored) message gets <stanza-id by='user' id='archive id'/>
+ *     (XEP-0359 3).
+ * The stanza is stored exactly as received (its serialized XML): ciphertext
+ * stays ciphertext; the server never looks inside an <encrypted/> element.
+ *
+ * XEP-0359 4 says a server must remove stanza-ids a sender put in with its
+ * own 'by'.  libstrophe 0.12 cannot delete a child, and the core delivers
+ * the very stanza object the hook saw, so a spoofed <stanza-id by='user'/>
+ * is neutralised in place instead: its 'by' and 'id' attributes are removed,
+ * leaving an inert <stanza-id xmlns='urn:xmpp:sid:0'/> that claims nothing.
+ * This happens for every message to a local user, archived or not.
+ *
+ * Preferences (XEP-0313 6): default always / never / roster, with always and
+ * never JID lists; a JID in <never/> wins over <always/>.  A list entry
+ * matches the other party's bare JID, or its full JID when the entry has a
+ * resource.  'roster' is treated as 'always': the roster belongs to
+ * mod_roster and the module API offers no way to read it.
+ *
+ * Queries (XEP-0313 4): an IQ set from one of the account's own resources,
+ * with an optional XEP-0004 form (with, start, end; XEP-0082 timestamps) and
+ * XEP-0059 result set management (max, after, before; an empty <before/> is
+ * the last page).  Results go to the requesting session as <message/>s, then
+ * the <fin/> IQ result.  A page is bounded by `max_page` items and
+ * PAGE_MAX_BYTES of stored XML (a smaller page then says complete='false').
+ * Not implemented: <flip-page/>, RSM <index/> (feature-not-implemented),
+ * ids lookup (XEP-0313 4.1.1 'ids' field), archive queries of MUC rooms.
+ *
+ * Storage (Berkeley DB, one transaction per archived message):
+ *   mam       "user@domain\0" + 8-byte big-endian sequence
+ *               -> version byte, 8-byte time (Unix microseconds),
+ *                  direction byte ('i' or 'o'), 2-byte length + the other
+ *                  party's prepared JID (full when it had a resource),
+ *                  the stanza's XML text
+ *   mam_meta  "user@domain\0" -> version byte, next sequence, oldest
+ *               sequence, last time (8 bytes each)
+ *   mam_prefs "user@domain\0" -> version byte, default ('a', 'n', 'r'),
+ *               then entries: 'A' or 'N', prepared JID, NUL
+ * The archive id is the sequence as 16 hex digits.  A user's first sequence
+ * is the current time in microseconds, so ids are not reused if an account
+ * is deleted (the core purges every "user\0" key) and created again.
+ * Timestamps are made strictly increasing per user, so start/end filters
+ * follow archive order.  Retention (`max_messages_per_user`, `max_age_days`)
+ * removes the oldest records on insert, at most PRUNE_MAX per insert; a
+ * query skips records older than max_age_days anyway.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <xmppd/module.h>
+
+#define NS_MAM "urn:xmpp:mam:2"
+#define NS_SID "urn:xmpp:sid:0"
+#define NS_FORWARD "urn:xmpp:forward:0"
+#define NS_DELAY "urn:xmpp:delay"
+#define NS_RSM "http://jabber.org/protocol/rsm"
+#define NS_DATA "jabber:x:data"
+#define NS_HINTS "urn:xmpp:hints"
+#define NS_CLIENT "jabber:client"
+#define NS_OMEMO_LEGACY "eu.siacs.conversations.axolotl"
+#define NS_OMEMO "urn:xmpp:omemo:2"
+
+#define RECORD_VERSION 1
+#define RECORD_FIXED 12 /* version + time + direction + with length */
+#define META_VERSION 1
+#define META_LEN 25
+#define PREFS_VERSION 1
+#define SEQ_LEN 8
+#define ID_LEN 16
+
+#define PRUNE_MAX 16                   /* records removed per insert, at most */
+#define PAGE_MAX_BYTES (1024u * 1024u) /* stored XML per result page */
+#define RECORD_MAX_BYTES (1024u * 1024u)
+#define PREFS_MAX_JIDS 500
+#define US_PER_DAY (86400LL * 1000000LL)
+
+typedef struct mam {
+    xd_module *m;
+    xd_db *arch;
+    xd_db *meta;
+    xd_db *prefs;
+    long long max_msgs;
+    long long max_age_days;
+    long long max_page;
+} mam;
+
+typedef struct meta {
+    unsigned long long next_seq;
+    unsigned long long oldest_seq;
+    long long last_time;
+} meta;
+
+/* ---- encoding --------------------------------------------------------------------- */
+
+static void
+put_be(unsigned char *p, unsigned long long v, int n)
+{
+    for (int i = n - 1; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static unsigned long long
+get_be(const unsigned char *p, int n)
+{
+    unsigned long long v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* "user@domain\0": the prefix of the user's keys; returns its length (0 on error). */
+static size_t
+user_prefix(const xd_jid *bare, char *buf, size_t len)
+{
+    int n = xd_jid_format(bare, 0, buf, len - 1);
+    if (n < 0)
+        return 0;
+    buf[n] = '\0';
+    return (size_t)n + 1;
+}
+
+static void
+seq_to_id(unsigned long long seq, char out[ID_LEN + 1])
+{
+    snprintf(out, ID_LEN + 1, "%016llx", seq);
+}
+
+/* Archive ids are exactly 16 lower- or upper-case hex digits. */
+static int
+id_to_seq(const char *id, unsigned long long *seq)
+{
+    unsigned long long v = 0;
+    if (!id || strlen(id) != ID_LEN)
+        return -1;
+    for (int i = 0; i < ID_LEN; i++) {
+        char c = id[i];
+        int d = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
+        if (d < 0)
+            return -1;
+        v = (v << 4) | (unsigned)d;
+    }
+    *seq = v;
+    return 0;
+}
+
+static long long
+now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
+/* XEP-0082 DateTime with microseconds: 2024-05-01T12:00:00.000123Z. */
+static void
+format_stamp(long long us, char *buf, size_t len)
+{
+    time_t t = (time_t)(us / 1000000);
+    struct tm tm;
+    char base[32];
+    if (us < 0 || !gmtime_r(&t, &tm) || !strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm))
+        snprintf(buf, len, "1970-01-01T00:00:00.000000Z");
+    else
+        snprintf(buf, len, "%s.%06lldZ", base, us % 1000000);
+}
+
+static int
+digits(const char **p, int n, int *out)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        char c = (*p)[i];
+        if (c < '0' || c > '9')
+            return -1;
+        v = v * 10 + (c - '0');
+    }
+    *p += n;
+    *out = v;
+    return 0;
+}
+
+/* Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm). */
+static long long
+days_from_civil(int y, int m, int d)
+{
+    long long yy = y - (m <= 2);
+    long long era = (yy >= 0 ? yy : yy - 399) / 400;
+    long long yoe = yy - era * 400;
+    long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* XEP-0082 DateTime: CCYY-MM-DDThh:mm:ss[.sss]TZD, TZD = Z or (+|-)hh:mm.
+ * Fractions beyond microseconds are ignored.  0 ok, -1 malformed. */
+static int
+parse_stamp(const char *s, long long *out)
+{
+    static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int y, mo, d, h, mi, sec, frac = 0, fdigits = 0, tzh = 0, tzm = 0, sign = 0;
+    const char *p = s;
+    long long secs;
+
+    if (!s || digits(&p, 4, &y) || *p++ != '-' || digits(&p, 2, &mo) || *p++ != '-' ||
+        digits(&p, 2, &d) || *p++ != 'T' || digits(&p, 2, &h) || *p++ != ':' ||
+        digits(&p, 2, &mi) || *p++ != ':' || digits(&p, 2, &sec))
+        return -1;
+    if (*p == '.') {
+        p++;
+        if (*p < '0' || *p > '9')
+            return -1;
+        for (; *p >= '0' && *p <= '9'; p++, fdigits++)
+            if (fdigits < 6)
+                frac = frac * 10 + (*p - '0');
+        for (int i = fdigits; i < 6; i++)
+            frac *= 10;
+    }
+    if (*p == 'Z') {
+        p++;
+    } else if (*p == '+' || *p == '-') {
+        sign = *p++ == '+' ? 1 : -1;
+        if (digits(&p, 2, &tzh) || *p++ != ':' || digits(&p, 2, &tzm) || tzh > 23 || tzm > 59)
+            return -1;
+    } else {
+        return -1;
+    }
+    if (*p || y < 1 || mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] || h > 23 || mi > 59 ||
+        sec > 59)
+        return -1;
+    if (mo == 2 && d == 29 && !((y % 4 == 0 && y % 100 != 0) || y % 400 == 0))
+        return -1;
+    secs = days_from_civil(y, mo, d) * 86400LL + h * 3600LL + mi * 60LL + sec;
+    secs -= sign * (tzh * 3600LL + tzm * 60LL);
+    *out = secs * 1000000LL + frac;
+    return 0;
+}
+
+/* ---- stanza helpers ---------------------------------------------------------------- */
+
+static void
+add_text_child(xmpp_stanza_t *parent, const char *name, const char *text)
+{
+    xmpp_stanza_t *el = xd_stanza_new(name, NULL);
+    xmpp_stanza_t *t = xmpp_stanza_new(xd_ctx());
+    if (!el || !t) {
+        if (el)
+            xmpp_stanza_release(el);
+        if (t)
+            xmpp_stanza_release(t);
+        return;
+    }
+    xmpp_stanza_set_text(t, text);
+    xmpp_stanza_add_child_ex(el, t, 0);
+    xmpp_stanza_add_child_ex(parent, el, 0);
+}
+
+static xmpp_stanza_t *
+first_tag(xmpp_stanza_t *st)
+{
+    xmpp_stanza_t *c = xmpp_stanza_get_children(st);
+    while (c && !xmpp_stanza_is_tag(c))
+        c = xmpp_stanza_get_next(c);
+    return c;
+}
+
+static int
+name_is(xmpp_stanza_t *st, const char *name)
+{
+    const char *n = xmpp_stanza_get_name(st);
+    return n && strcmp(n, name) == 0;
+}
+
+static void
+reply_error(xd_event *ev, const char *type, const char *cond, const char *text)
+{
+    xmpp_stanza_t *err = xd_error_reply(ev->stanza, type, cond, text);
+    if (!err)
+        return;
+    if (ev->session)
+        xd_session_send(ev->session, err);
+    else
+        xd_route(err);
+}
+
+/* ---- what is archived --------------------------------------------------------------- */
+
+/* XEP-0313 5.1.1, XEP-0334: a one-to-one message worth keeping. */
+static int
+archivable(xmpp_stanza_t *st)
+{
+    const char *type = xmpp_stanza_get_type(st);
+
+    if (!name_is(st, "message"))
+        return 0;
+    if (type && strcmp(type, "chat") != 0 && strcmp(type, "normal") != 0)
+        return 0;
+    if (xmpp_stanza_get_child_by_name_and_ns(st, "no-store", NS_HINTS) ||
+        xmpp_stanza_get_child_by_name_and_ns(st, "no-permanent-store", NS_HINTS))
+        return 0;
+    return xmpp_stanza_get_child_by_name(st, "body") ||
+           xmpp_stanza_get_child_by_name_and_ns(st, "encrypted", NS_OMEMO_LEGACY) ||
+           xmpp_stanza_get_child_by_name_and_ns(st, "encrypted", NS_OMEMO) ||
+           xmpp_stanza_get_child_by_name_and_ns(st, "store", NS_HINTS);
+}
+
+/* XEP-0359 4: strip (neutralise, see the header) stanza-ids claiming to be ours. */
+static void
+neutralise_stanza_ids(xmpp_stanza_t *st, const char *user_bare)
+{
+    for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); c; c = xmpp_stanza_get_next(c)) {
+        const char *by, *ns;
+        xd_jid j;
+        char bare[XD_JID_STR_MAX];
+
+        if (!xmpp_stanza_is_tag(c) || !name_is(c, "stanza-id") || !(ns = xmpp_stanza_get_ns(c)) ||
+            strcmp(ns, NS_SID) != 0 || !(by = xmpp_stanza_get_attribute(c, "by")))
+            continue;
+        /* compare prepared forms: "ALICE@localhost" claims the same as "alice@localhost" */
+        if (xd_jid_parse(&j, by) != 0 || j.resource[0] ||
+            xd_jid_format(&j, 0, bare, sizeof(bare)) < 0 || strcmp(bare, user_bare) != 0)
+            continue;
+        xd_info("mam: neutralised a stanza-id claiming to be by %s", user_bare);
+        xmpp_stanza_del_attribute(c, "by");
+        if (xmpp_stanza_get_attribute(c, "id"))
+            xmpp_stanza_del_attribute(c, "id");
+    }
+}
+
+/* ---- preferences (XEP-0313 6) ------------------------------------------------------------- */
+
+typedef struct prefs {
+    char def;      /* 'a' always, 'n' never, 'r' roster */
+    char *entries; /* 'A'/'N' + JID + NUL, repeated */
+    size_t len;
+} prefs;
+
+static void
+prefs_free(prefs *p)
+{
+    free(p->entries);
+    p->entries = NULL;
+    p->len = 0;
+}
+
+/* 0 ok (defaults when none stored), -1 storage error or unreadable record. */
+static int
+prefs_load(mam *a, const char *prefix, size_t plen, prefs *out)
+{
+    void *val = NULL;
+    size_t vlen = 0;
+    int r = xd_db_get(a->prefs, NULL, prefix, plen, &val, &vlen);
+    const unsigned char *v = val;
+
+    memset(out, 0, sizeof(*out));
+    out->def = 'a';
+    if (r == XD_NOTFOUND)
+        return 0;
+    if (r != 0)
+        return -1;
+    if (vlen < 2 || v[0] != PREFS_VERSION || (v[1] != 'a' && v[1] != 'n' && v[1] != 'r') ||
+        (vlen > 2 && v[vlen - 1] != '\0')) {
+        xd_error("mam: unreadable preferences for %s", prefix);
+        free(val);
+        return -1;
+    }
+    out->def = (char)v[1];
+    out->len = vlen - 2;
+    if (out->len) {
+        if (!(out->entries = malloc(out->len))) {
+            free(val);
+            return -1;
+        }
+        memcpy(out->entries, v + 2, out->len);
+    }
+    free(val);
+    return 0;
+}
+
+/* Is jid ('A' or 'N' list) in the preferences?  jid is prepared. */
+static int
+prefs_has(const prefs *p, char list, const char *jid)
+{
+    for (size_t off = 0; off < p->len;) {
+        const char *e = p->entries + off;
+        size_t n = strlen(e);
+        if (e[0] == list && strcmp(e + 1, jid) == 0)
+            return 1;
+        off += n + 1;
+    }
+    return 0;
+}
+
+/* Should a message with `other` (prepared, full or bare) go in the user's archive? */
+static int
+prefs_allow(mam *a, const char *prefix, size_t plen, const char *other)
+{
+    char bare[XD_JID_STR_MAX];
+    const char *slash = strchr(other, '/');
+    size_t blen = slash ? (size_t)(slash - other) : strlen(other);
+    prefs p;
+    int ok;
+
+    if (prefs_load(a, prefix, plen, &p) != 0)
+        return 0; /* cannot tell what the user wants: keep nothing rather than too much */
+    memcpy(bare, other, blen);
+    bare[blen] = '\0';
+    if (prefs_has(&p, 'N', bare) || (slash && prefs_has(&p, 'N', other)))
+        ok = 0;
+    else if (prefs_has(&p, 'A', bare) || (slash && prefs_has(&p, 'A', other)))
+        ok = 1;
+    else
+        ok = p.def != 'n'; /* 'roster' counts as 'always' (see the header) */
+    prefs_free(&p);
+    return ok;
+}
+
+static const char *
+def_name(char def)
+{
+    return def == 'n' ? "never" : def == 'r' ? "roster" : "always";
+}
+
+static xmpp_stanza_t *
+prefs_element(const prefs *p)
+{
+    xmpp_stanza_t *el = xd_stanza_new("prefs", NS_MAM);
+    xmpp_stanza_t *always = xd_stanza_new("always", NULL);
+    xmpp_stanza_t *never = xd_stanza_new("never", NULL);
+
+    xmpp_stanza_set_attribute(el, "default", def_name(p->def));
+    for (size_t off = 0; off < p->len;) {
+        const char *e = p->entries + off;
+        add_text_child(e[0] == 'A' ? always : never, "jid", e + 1);
+        off += strlen(e) + 1;
+    }
+    xmpp_stanza_add_child_ex(el, always, 0);
+    xmpp_stanza_add_child_ex(el, never, 0);
+    return el;
+}
+
+/* Append the <jid/>s of an <always/> or <never/> list.  0 ok, -1 bad JID, -2 too many. */
+static int
+prefs_parse_list(xmpp_stanza_t *list, char tag, char **buf, size_t *len, int *count)
+{
+    if (!list)
+        return 0;
+    for (xmpp_stanza_t *c = xmpp_stanza_get_children(list); c; c = xmpp_stanza_get_next(c)) {
+        char *text;
+        xd_jid j;
+        char s[XD_JID_STR_MAX];
+        int n;
+        char *nb;
+
+        if (!xmpp_stanza_is_tag(c))
+            continue;
+        if (!name_is(c, "jid"))
+            return -1;
+        text = xmpp_stanza_get_text(c);
+        n = text && xd_jid_parse(&j, text) == 0 ? xd_jid_format(&j, 1, s, sizeof(s)) : -1;
+        if (text)
+            xmpp_free(xd_ctx(), text);
+        if (n < 0)
+            return -1;
+        if (++*count > PREFS_MAX_JIDS)
+            return -2;
+        if (!(nb = realloc(*buf, *len + (size_t)n + 2)))
+            return -2;
+        *buf = nb;
+        nb[*len] = tag;
+        memcpy(nb + *len + 1, s, (size_t)n + 1);
+        *len += (size_t)n + 2;
+    }
+    return 0;
+}
+
+static void
+prefs_get(mam *a, xd_event *ev, const char *prefix, size_t plen)
+{
+    prefs p;
+    xmpp_stanza_t *res;
+
+    if (prefs_load(a, prefix, plen, &p) != 0) {
+        reply_error(ev, "wait", "internal-server-error", NULL);
+        return;
+    }
+    if ((res = xd_iq_result(ev->stanza))) {
+        xmpp_stanza_add_child_ex(res, prefs_element(&p), 0);
+        xd_session_send(ev->session, res);
+    }
+    prefs_free(&p);
+}
+
+static void
+prefs_set(mam *a, xd_event *ev, xmpp_stanza_t *el, const char *prefix, size_t plen)
+{
+    const char *def = xmpp_stanza_get_attribute(el, "default");
+    prefs p = {0};
+    unsigned char *rec = NULL;
+    int count = 0, r;
+    xmpp_stanza_t *res;
+
+    if (!def || (strcmp(def, "always") && strcmp(def, "never") && strcmp(def, "roster"))) {
+        reply_error(ev, "modify", "bad-request", "'default' must be always, never or roster");
+        return;
+    }
+    p.def = def[0];
+    r = prefs_parse_list(xmpp_stanza_get_child_by_name(el, "always"), 'A', &p.entries, &p.len,
+                         &count);
+    if (r == 0)
+        r = prefs_parse_list(xmpp_stanza_get_child_by_name(el, "never"), 'N', &p.entries, &p.len,
+                             &count);
+    if (r != 0) {
+        reply_error(ev, "modify", r == -1 ? "bad-request" : "not-acceptable",
+                    r == -1 ? "bad <jid/> in preferences" : "too many JIDs in preferences");
+        prefs_free(&p);
+        return;
+    }
+    if (!(rec = malloc(p.len + 2))) {
+        prefs_free(&p);
+        reply_error(ev, "wait", "internal-server-error", NULL);
+        return;
+    }
+    rec[0] = PREFS_VERSION;
+    rec[1] = (unsigned char)p.def;
+    if (p.len)
+        memcpy(rec + 2, p.entries, p.len);
+    /* autocommit: one put is one transaction */
+    if (xd_db_put(a->prefs, NULL, prefix, plen, rec, p.len + 2) != 0) {
+        reply_error(ev, "wait", "internal-server-error", NULL);
+    } else if ((res = xd_iq_result(ev->stanza))) {
+        /* XEP-0313 6.1: the result carries the preferences now in force */
+        xmpp_stanza_add_child_ex(res, prefs_element(&p), 0);
+        xd_session_send(ev->session, res);
+    }
+    free(rec);
+    prefs_free(&p);
+}
+
+/* ---- storing ------------------------------------------------------------------------------- */
+
+typedef struct rebuild_acc {
+    size_t plen;
+    meta *mt;
+    int any;
+} rebuild_acc;
+
+static int
+rebuild_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    rebuild_acc *r = data;
+    const unsigned char *v = val;
+    unsigned long long seq;
+
+    if (klen != r->plen + SEQ_LEN)
+        return 0;
+    seq = get_be((const unsigned char *)key + r->plen, SEQ_LEN);
+    if (!r->any || seq < r->mt->oldest_seq)
+        r->mt->oldest_seq = seq;
+    if (!r->any || seq + 1 > r->mt->next_seq)
+        r->mt->next_seq = seq + 1;
+    if (vlen >= RECORD_FIXED && v[0] == RECORD_VERSION &&
+        (long long)get_be(v + 1, 8) > r->mt->last_time)
+        r->mt->last_time = (long long)get_be(v + 1, 8);
+    r->any = 1;
+    return 0;
+}
+
+/* Read the user's meta record in txn; rebuilt from the records when missing. */
+static int
+meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
+{
+    void *val = NULL;
+    size_t vlen = 0;
+    int r = xd_db_get(a->meta, txn, prefix, plen, &val, &vlen);
+    rebuild_acc acc = {plen, mt, 0};
+
+    memset(mt, 0, sizeof(*mt));
+    if (r < 0)
+        return -1;
+    if (r == 0 && vlen == META_LEN && ((unsigned char *)val)[0] == META_VERSION) {
+        const unsigned char *p = val;
+        mt->next_seq = get_be(p + 1, 8);
+        mt->oldest_seq = get_be(p + 9, 8);
+        mt->last_time = (long long)get_be(p + 17, 8);
+        free(val);
+        return 0;
+    }
+    if (r == 0)
+        xd_warn("mam: bad meta record for %s, rebuilding it", prefix);
+    free(val);
+    if (xd_db_foreach(a->arch, txn, prefix, plen, rebuild_visit, &acc) < 0)
+        return -1;
+    if (!acc.any) /* a new archive: ids start at the clock (see the header) */
+        mt->next_seq = mt->oldest_seq = (unsigned long long)now_us();
+    return 0;
+}
+
+static int
+meta_save(mam *a, xd_txn *txn, const char *prefix, size_t plen, const meta *mt)
+{
+    unsigned char p[META_LEN];
+    p[0] = META_VERSION;
+    put_be(p + 1, mt->next_seq, 8);
+    put_be(p + 9, mt->oldest_seq, 8);
+    put_be(p + 17, (unsigned long long)mt->last_time, 8);
+    return xd_db_put(a->meta, txn, prefix, plen, p, sizeof(p));
+}
+
+/* Retention: drop the oldest records over the count or age limit, a bounded
+ * number per insert; `keep` (the new record) is never dropped. */
+static int
+prune(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt, unsigned long long keep)
+{
+    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
+    long long cutoff = a->max_age_days ? now_us() - a->max_age_days * US_PER_DAY : 0;
+
+    memcpy(key, prefix, plen);
+    for (int n = 0; n < PRUNE_MAX && mt->oldest_seq < keep; n++) {
+        unsigned long long count = mt->next_seq - mt->oldest_seq;
+        int r;
+        put_be(key + plen, mt->oldest_seq, SEQ_LEN);
+        if ((long long)count <= a->max_msgs) {
+            void *val = NULL;
+            size_t vlen = 0;
+            long long t;
+            if (!cutoff)
+                break;
+            r = xd_db_get(a->arch, txn, key, plen + SEQ_LEN, &val, &vlen);
+            if (r < 0)
+                return -1;
+            t = r == 0 && vlen >= RECORD_FIXED ? (long long)get_be((unsigned char *)val + 1, 8) : 0;
+            free(val);
+            if (r == 0 && t >= cutoff)
+                break;
+        }
+        if ((r = xd_db_del(a->arch, txn, key, plen + SEQ_LEN)) < 0)
+            return -1;
+        mt->oldest_seq++;
+    }
+    return 0;
+}
+
+/* Store st in the user's archive.  0 and *seq_out, or -1. */
+static int
+archive_store(mam *a, const char *prefix, size_t plen, char dir, const char *with,
+              xmpp_stanza_t *st, unsigned long long *seq_out)
+{
+    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
+    size_t wlen = strlen(with), tlen = 0, rlen;
+    unsigned char *rec;
+    char *text = NULL;
+    xd_txn *txn = NULL;
+    meta mt;
+    long long t;
+
+    if (wlen > 0xffff || xmpp_stanza_to_text(st, &text, &tlen) != XMPP_EOK || !text)
+        return -1;
+    rlen = RECORD_FIXED + wlen + tlen;
+    if (rlen > RECORD_MAX_BYTES) {
+        xd_info("mam: %s: a %zu byte message is over the archive's record limit", prefix, rlen);
+        xmpp_free(xd_ctx(), text);
+        return -1;
+    }
+    if (!(rec = malloc(rlen))) {
+        xmpp_free(xd_ctx(), text);
+        return -1;
+    }
+    memcpy(rec + RECORD_FIXED + wlen, text, tlen);
+    xmpp_free(xd_ctx(), text);
+
+    if (xd_txn_begin(&txn) != 0)
+        goto fail;
+    if (meta_load(a, txn, prefix, plen, &mt) != 0)
+        goto abort;
+    t = now_us();
+    if (t <= mt.last_time)
+        t = mt.last_time + 1; /* strictly increasing: time order is archive order */
+    rec[0] = RECORD_VERSION;
+    put_be(rec + 1, (unsigned long long)t, 8);
+    rec[9] = (unsigned char)dir;
+    put_be(rec + 10, wlen, 2);
+    memcpy(rec + RECORD_FIXED, with, wlen);
+    memcpy(key, prefix, plen);
+    put_be(key + plen, mt.next_seq, SEQ_LEN);
+    *seq_out = mt.next_seq;
+    mt.next_seq++;
+    mt.last_time = t;
+    if (xd_db_put(a->arch, txn, key, plen + SEQ_LEN, rec, rlen) != 0 ||
+        prune(a, txn, prefix, plen, &mt, *seq_out) != 0 ||
+        meta_save(a, txn, prefix, plen, &mt) != 0)
+        goto abort;
+    free(rec);
+    rec = NULL;
+    /* durable before the hook returns, like offline storage */
+    if (xd_txn_commit(txn) != 0)
+        goto fail;
+    xd_debug("mam: archived %016llx for %s (%c, with %s)", *seq_out, prefix, dir, with);
+    return 0;
+abort:
+    xd_txn_abort(txn);
+fail:
+    free(rec);
+    xd_error("mam: %s: could not archive a message", prefix);
+    return -1;
+}
+
+/* XD_HOOK_C2S_STANZA: the user's outgoing message, into the sender's archive. */
+static int
+mam_outgoing(xd_event *ev, void *data)
+{
+    mam *a = data;
+    char prefix[XD_JID_STR_MAX + 1], with[XD_JID_STR_MAX];
+    size_t plen;
+    unsigned long long seq;
+    xd_jid bare;
+
+    if (!ev->stanza || !ev->from || !ev->to || !archivable(ev->stanza))
+        return XD_PASS;
+    bare = *ev->from;
+    xd_jid_to_bare(&bare);
+    /* to oneself: the incoming side archives it, once */
+    if (xd_jid_equal(&bare, ev->to, 0))
+        return XD_PASS;
+    if (!(plen = user_prefix(&bare, prefix, sizeof(prefix))) ||
+        xd_jid_format(ev->to, ev->to->resource[0] != '\0', with, sizeof(with)) < 0)
+        return XD_PASS;
+    if (prefs_allow(a, prefix, plen, with))
+        archive_store(a, prefix, plen, 'o', with, ev->stanza, &seq);
+    return XD_PASS; /* archiving never stops a message */
+}
+
+static int
+any_session(xd_session *s, void *data)
+{
+    (void)s;
+    (void)data;
+    return 1;
+}
+
+/* XD_HOOK_DELIVER_LOCAL: a message for a local user, into the recipient's archive. */
+static int
+mam_incoming(xd_event *ev, void *data)
+{
+    mam *a = data;
+    xmpp_stanza_t *st = ev->stanza;
+    char prefix[XD_JID_STR_MAX + 1], with[XD_JID_STR_MAX], id[ID_LEN + 1];
+    size_t plen;
+    unsigned long long seq;
+    xmpp_stanza_t *sid;
+    xd_jid bare;
+
+    if (!st || !ev->to || !ev->to->local[0] || !name_is(st, "message"))
+        return XD_PASS;
+    bare = *ev->to;
+    xd_jid_to_bare(&bare);
+    if (!(plen = user_prefix(&bare, prefix, sizeof(prefix))))
+        return XD_PASS;
+    neutralise_stanza_ids(st, prefix);
+    if (!ev->from || !archivable(st) ||
+        xd_jid_format(ev->from, ev->from->resource[0] != '\0', with, sizeof(with)) < 0)
+        return XD_PASS;
+    /* a bound session proves the account; else ask storage (the core bounces the rest) */
+    if (xd_user_sessions(&bare, any_session, NULL) == 0 && xd_account_exists(&bare) != 1)
+        return XD_PASS;
+    if (!prefs_allow(a, prefix, plen, with) ||
+        archive_store(a, prefix, plen, 'i', with, st, &seq) != 0)
+        return XD_PASS;
+    /* XEP-0359 3: tell the recipient the id it will find in its archive */
+    seq_to_id(seq, id);
+    if ((sid = xd_stanza_new("stanza-id", NS_SID))) {
+        xmpp_stanza_set_attribute(sid, "by", prefix);
+        xmpp_stanza_set_attribute(sid, "id", id);
+        xmpp_stanza_add_child_ex(st, sid, 0);
+    }
+    return XD_PASS; /* delivery (or offline storage) goes on */
+}
+
+/* ---- queries (XEP-0313 4) -------------------------------------------------------------------- */
+
+typedef struct filter {
+    char with[XD_JID_STR_MAX];
+    size_t with_len;
+    int with_full;    /* match the stored JID exactly, not its bare part */
+    long long start;  /* inclusive, or -1 */
+    long long end;    /* inclusive, or -1 */
+    long long cutoff; /* max_age_days, or 0 */
+} filter;
+
+typedef struct page_item {
+    unsigned long long seq;
+    size_t vlen;
+} page_item;
+
+typedef struct scan {
+    const filter *f;
+    size_t plen;
+    int has_after, has_before;
+    unsigned long long after, before; /* before: only when has_before and not last page */
+    int before_last;
+    long long max;
+    page_item *items;          /* max entries; a ring when paging backwards */
+    unsigned long long total;  /* matching the filter */
+    unsigned long long pre;    /* matching, at or before 'after' */
+    unsigned long long window; /* matching, inside after/before */
+} scan;
+
+static int
+record_matches(const filter *f, const unsigned char *v, size_t vlen)
+{
+    long long t;
+    size_t wlen;
+    const char *w;
+
+    if (vlen < RECORD_FIXED || v[0] != RECORD_VERSION)
+        return 0;
+    t = (long long)get_be(v + 1, 8);
+    wlen = (size_t)get_be(v + 10, 2);
+    if (RECORD_FIXED + wlen > vlen)
+        return 0;
+    if ((f->start >= 0 && t < f->start) || (f->end >= 0 && t > f->end) ||
+        (f->cutoff && t < f->cutoff))
+        return 0;
+    if (f->with_len) {
+        w = (const char *)v + RECORD_FIXED;
+        if (!f->with_full) {
+            const char *slash = memchr(w, '/', wlen);
+            if (slash)
+                wlen = (size_t)(slash - w);
+        }
+        if (wlen != f->with_len || memcmp(w, f->with, wlen) != 0)
+            return 0;
+    }
+    return 1;
+}
+
+static int
+scan_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    scan *s = data;
+    unsigned long long seq;
+
+    if (klen != s->plen + SEQ_LEN || !record_matches(s->f, val, vlen))
+        return 0;
+    seq = get_be((const unsigned char *)key + s->plen, SEQ_LEN);
+    s->total++;
+    if (s->has_after && seq <= s->after) {
+        s->pre++;
+        return 0;
+    }
+    if (s->has_before && !s->before_last && seq >= s->before)
+        return 0;
+    s->window++;
+    if (s->max <= 0)
+        return 0;
+    if (!s->has_before) {
+        if (s->window <= (unsigned long long)s->max)
+            s->items[s->window - 1] = (page_item){seq, vlen};
+    } else {
+        s->items[(s->window - 1) % (unsigned long long)s->max] = (page_item){seq, vlen};
+    }
+    return 0;
+}
+
+/* Does this archive id name a record of the user's?  1 yes, 0 no, -1 error. */
+static int
+id_exists(mam *a, const char *prefix, size_t plen, unsigned long long seq)
+{
+    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
+    void *val = NULL;
+    size_t vlen;
+    int r;
+
+    memcpy(key, prefix, plen);
+    put_be(key + plen, seq, SEQ_LEN);
+    r = xd_db_get(a->arch, NULL, key, plen + SEQ_LEN, &val, &vlen);
+    free(val);
+    return r == 0 ? 1 : r == XD_NOTFOUND ? 0 : -1;
+}
+
+/* The single <value/> of a form field, or NULL (none, or more than one: *bad). */
+static char *
+field_value(xmpp_stanza_t *field, int *bad)
+{
+    xmpp_stanza_t *v = NULL;
+    for (xmpp_stanza_t *c = xmpp_stanza_get_children(field); c; c = xmpp_stanza_get_next(c)) {
+        if (!xmpp_stanza_is_tag(c) || !name_is(c, "value"))
+            continue;
+        if (v) {
+            *bad = 1;
+            return NULL;
+        }
+        v = c;
+    }
+    return v ? xmpp_stanza_get_text(v) : NULL;
+}
+
+/* XEP-0313 4.1.1: FORM_TYPE, with, start, end.  NULL ok, else the error text. */
+static const char *
+parse_form(xmpp_stanza_t *x, filter *f)
+{
+    for (xmpp_stanza_t *c = xmpp_stanza_get_children(x); c; c = xmpp_stanza_get_next(c)) {
+        const char *var, *err = NULL;
+        char *val;
+        int bad = 0;
+
+        if (!xmpp_stanza_is_tag(c) || !name_is(c, "field"))
+            continue;
+        if (!(var = xmpp_stanza_get_attribute(c, "var")))
+            return "a form field without 'var'";
+        val = field_value(c, &bad);
+        if (bad) {
+            err = "more than one value in a field";
+        } else if (!strcmp(var, "FORM_TYPE")) {
+            if (!val || strcmp(val, NS_MAM) != 0)
+                err = "FORM_TYPE must be " NS_MAM;
+        } else if (!strcmp(var, "with")) {
+            xd_jid j;
+            int n;
+            if (!val || xd_jid_parse(&j, val) != 0 ||
+                (n = xd_jid_format(&j, j.resource[0] != '\0', f->with, sizeof(f->with))) <= 0)
+                err = "'with' is not a valid JID";
+            else {
+                f->with_len = (size_t)n;
+                f->with_full = j.resource[0] != '\0';
+            }
+        } else if (!strcmp(var, "start") || !strcmp(var, "end")) {
+            long long t;
+            if (!val || parse_stamp(val, &t) != 0)
+                err = "'start' and 'end' must be XEP-0082 timestamps";
+            else if (var[0] == 's')
+                f->start = t;
+            else
+                f->end = t;
+        } else {
+            err = "unsupported form field";
+        }
+        if (val)
+            xmpp_free(xd_ctx(), val);
+        if (err)
+            return err;
+    }
+    return NULL;
+}
+
+/* The RSM text of a child of <set/>, or NULL when absent; *present says if it was there. */
+static char *
+rsm_text(xmpp_stanza_t *set, const char *name, int *present)
+{
+    xmpp_stanza_t *el = set ? xmpp_stanza_get_child_by_name(set, name) : NULL;
+    char *t;
+    *present = el != NULL;
+    if (!el)
+        return NULL;
+    t = xmpp_stanza_get_text(el);
+    return t;
+}
+
+/* One <message><result><forwarded><delay/><message/>... for the requester. */
+static xmpp_stanza_t *
+result_message(const char *to, const char *from, const char *queryid, unsigned long long seq,
+               const unsigned char *v, size_t vlen)
+{
+    char id[ID_LEN + 1], stamp[40];
+    size_t wlen = vlen >= RECORD_FIXED ? (size_t)get_be(v + 10, 2) : 0;
+    size_t tlen = vlen >= RECORD_FIXED + wlen ? vlen - RECORD_FIXED - wlen : 0;
+    char *text;
+    xmpp_stanza_t *inner, *msg, *res, *fwd, *delay;
+
+    if (!tlen || v[0] != RECORD_VERSION || !(text = malloc(tlen + 1)))
+        return NULL;
+    memcpy(text, v + RECORD_FIXED + wlen, tlen);
+    text[tlen] = '\0';
+    inner = xmpp_stanza_new_from_string(xd_ctx(), text);
+    free(text);
+    if (!inner || !name_is(inner, "message")) {
+        xd_error("mam: %s: archived message %016llx is unreadable; left out", from, seq);
+        if (inner)
+            xmpp_stanza_release(inner);
+        return NULL;
+    }
+    if (!xmpp_stanza_get_ns(inner))
+        xmpp_stanza_set_ns(inner, NS_CLIENT); /* else it would inherit forward:0 */
+    seq_to_id(seq, id);
+    format_stamp((long long)get_be(v + 1, 8), stamp, sizeof(stamp));
+    msg = xd_stanza_new("message", NULL);
+    res = xd_stanza_new("result", NS_MAM);
+    fwd = xd_stanza_new("forwarded", NS_FORWARD);
+    delay = xd_stanza_new("delay", NS_DELAY);
+    xmpp_stanza_set_to(msg, to);
+    xmpp_stanza_set_from(msg, from);
+    if (queryid)
+        xmpp_stanza_set_attribute(res, "queryid", queryid);
+    xmpp_stanza_set_attribute(res, "id", id);
+    xmpp_stanza_set_attribute(delay, "stamp", stamp);
+    xmpp_stanza_add_child_ex(fwd, delay, 0);
+    xmpp_stanza_add_child_ex(fwd, inner, 0);
+    xmpp_stanza_add_child_ex(res, fwd, 0);
+    xmpp_stanza_add_child_ex(msg, res, 0);
+    return msg;
+}
+
+static void
+query_run(mam *a, xd_event *ev, xmpp_stanza_t *query, const char *prefix, size_t plen)
+{
+    const char *queryid = xmpp_stanza_get_attribute(query, "queryid");
+    xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(query, "x", NS_DATA);
+    xmpp_stanza_t *set = xmpp_stanza_get_child_by_name_and_ns(query, "set", NS_RSM);
+    filter f = {.with_len = 0, .start = -1, .end = -1};
+    scan s = {0};
+    char *max_t, *after_t, *before_t, requester[XD_JID_STR_MAX];
+    int max_p, after_p, before_p, index_p, r;
+    const char *err = NULL, *cond = "bad-request";
+    size_t first = 0, n = 0, bytes = 0;
+    int complete;
+    xmpp_stanza_t *res, *fin, *rset;
+
+    f.cutoff = a->max_age_days ? now_us() - a->max_age_days * US_PER_DAY : 0;
+    if (x)
+        err = parse_form(x, &f);
+    max_t = rsm_text(set, "max", &max_p);
+    after_t = rsm_text(set, "after", &after_p);
+    before_t = rsm_text(set, "before", &before_p);
+    index_p = set && xmpp_stanza_get_child_by_name(set, "index") != NULL;
+    s.max = a->max_page;
+    if (!err && max_p) {
+        char *end = NULL;
+        long long v = max_t ? strtoll(max_t, &end, 10) : -1;
+        if (!max_t || !*max_t || *end || v < 0)
+            err = "<max/> must be a non-negative integer";
+        else if (v < s.max)
+            s.max = v;
+    }
+    if (!err && index_p) {
+        err = "<index/> is not supported";
+        cond = "feature-not-implemented";
+    }
+    if (!err && after_p) {
+        s.has_after = 1;
+        if (!after_t || id_to_seq(after_t, &s.after) != 0 ||
+            (r = id_exists(a, prefix, plen, s.after)) == 0) {
+            err = "no such archive id in <after/>";
+            cond = "item-not-found";
+        } else if (r < 0) {
+            err = "storage error";
+            cond = "internal-server-error";
+        }
+    }
+    if (!err && before_p) {
+        s.has_before = 1;
+        if (!before_t || !*before_t) {
+            s.before_last = 1; /* XEP-0059 2.5: the last page */
+        } else if (id_to_seq(before_t, &s.before) != 0 ||
+                   (r = id_exists(a, prefix, plen, s.before)) == 0) {
+            err = "no such archive id in <before/>";
+            cond = "item-not-found";
+        } else if (r < 0) {
+            err = "storage error";
+            cond = "internal-server-error";
+        }
+    }
+    if (max_t)
+        xmpp_free(xd_ctx(), max_t);
+    if (after_t)
+        xmpp_free(xd_ctx(), after_t);
+    if (before_t)
+        xmpp_free(xd_ctx(), before_t);
+    if (err) {
+        reply_error(ev, strcmp(cond, "internal-server-error") ? "modify" : "wait", cond, err);
+        return;
+    }
+
+    s.f = &f;
+    s.plen = plen;
+    if (s.max > 0 && !(s.items = calloc((size_t)s.max, sizeof(*s.items)))) {
+        reply_error(ev, "wait", "internal-server-error", NULL);
+        return;
+    }
+    if (xd_db_foreach(a->arch, NULL, prefix, plen, scan_visit, &s) < 0) {
+        free(s.items);
+        reply_error(ev, "wait", "internal-server-error", NULL);
+        return;
+    }
+    /* the page: items[first .. first+n) in archive order (a ring when backwards) */
+    n = s.max > 0
+            ? (size_t)(s.window < (unsigned long long)s.max ? s.window : (unsigned long long)s.max)
+            : 0;
+    if (s.has_before && n)
+        first = (size_t)((s.window - n) % (unsigned long long)s.max);
+    complete = s.window <= (unsigned long long)(s.max > 0 ? s.max : 0);
+    {
+        /* the byte budget trims the far end of the page: the end when paging
+         * forwards, the beginning when paging backwards */
+        size_t keep = 0;
+        for (size_t i = 0; i < n; i++) {
+            size_t k = s.has_before ? n - 1 - i : i;
+            size_t vlen = s.items[(first + k) % (size_t)s.max].vlen;
+            if (keep && bytes + vlen > PAGE_MAX_BYTES)
+                break;
+            bytes += vlen;
+            keep++;
+        }
+        if (keep < n) {
+            complete = 0;
+            if (s.has_before)
+                first = (first + (n - keep)) % (size_t)s.max;
+            n = keep;
+        }
+    }
+
+    xd_jid_format(ev->from, 1, requester, sizeof(requester));
+    res = xd_iq_result(ev->stanza);
+    fin = xd_stanza_new("fin", NS_MAM);
+    rset = xd_stanza_new("set", NS_RSM);
+    xmpp_stanza_set_attribute(fin, "complete", complete ? "true" : "false");
+    {
+        char id[ID_LEN + 1], num[24];
+        unsigned long long index = s.pre + (s.has_before ? s.window - n : 0);
+        int sent = 0;
+        for (size_t i = 0; i < n; i++) {
+            unsigned long long seq = s.items[(first + i) % (size_t)s.max].seq;
+            unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
+            void *val = NULL;
+            size_t vlen = 0;
+            xmpp_stanza_t *msg;
+
+            memcpy(key, prefix, plen);
+            put_be(key + plen, seq, SEQ_LEN);
+            if (xd_db_get(a->arch, NULL, key, plen + SEQ_LEN, &val, &vlen) != 0) {
+                free(val);
+                continue;
+            }
+            msg = result_message(requester, prefix, queryid, seq, val, vlen);
+            free(val);
+            if (msg && xd_session_send(ev->session, msg) != 0)
+                break; /* the requester is gone */
+            sent++;
+        }
+        if (n) {
+            xmpp_stanza_t *fel = xd_stanza_new("first", NULL);
+            xmpp_stanza_t *t = xmpp_stanza_new(xd_ctx());
+            seq_to_id(s.items[first % (size_t)s.max].seq, id);
+            snprintf(num, sizeof(num), "%llu", index);
+            xmpp_stanza_set_attribute(fel, "index", num);
+            xmpp_stanza_set_text(t, id);
+            xmpp_stanza_add_child_ex(fel, t, 0);
+            xmpp_stanza_add_child_ex(rset, fel, 0);
+            seq_to_id(s.items[(first + n - 1) % (size_t)s.max].seq, id);
+            add_text_child(rset, "last", id);
+        }
+        snprintf(num, sizeof(num), "%llu", s.total);
+        add_text_child(rset, "count", num);
+        xd_debug("mam: %s: query sent %d of %zu item(s), %llu matching, complete=%d", prefix, sent,
+                 n, s.total, complete);
+    }
+    xmpp_stanza_add_child_ex(fin, rset, 0);
+    xmpp_stanza_add_child_ex(res, fin, 0);
+    xd_session_send(ev->session, res);
+    free(s.items);
+}
+
+/* XEP-0313 4.1.1: the form a client may fill in. */
+static void
+query_form(xd_event *ev)
+{
+    static const char *const fields[][2] = {
+        {"jid-single", "with"}, {"text-single", "start"}, {"text-single", "end"}};
+    xmpp_stanza_t *res = xd_iq_result(ev->stanza);
+    xmpp_stanza_t *q = xd_stanza_new("query", NS_MAM);
+    xmpp_stanza_t *x = xd_stanza_new("x", NS_DATA);
+    xmpp_stanza_t *ft = xd_stanza_new("field", NULL);
+
+    xmpp_stanza_set_type(x, "form");
+    xmpp_stanza_set_type(ft, "hidden");
+    xmpp_stanza_set_attribute(ft, "var", "FORM_TYPE");
+    add_text_child(ft, "value", NS_MAM);
+    xmpp_stanza_add_child_ex(x, ft, 0);
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+        xmpp_stanza_t *f = xd_stanza_new("field", NULL);
+        xmpp_stanza_set_type(f, fields[i][0]);
+        xmpp_stanza_set_attribute(f, "var", fields[i][1]);
+        xmpp_stanza_add_child_ex(x, f, 0);
+    }
+    xmpp_stanza_add_child_ex(q, x, 0);
+    xmpp_stanza_add_child_ex(res, q, 0);
+    xd_session_send(ev->session, res);
+}
+
+/* Only the account's own resources, on their own streams, may read or
+ * change its archive.  Fills the key prefix; 0 ok, -1 answered forbidden. */
+static int
+authorize(xd_event *ev, char *prefix, size_t len, size_t *plen)
+{
+    xd_jid bare;
+
+    if (!ev->from || !ev->to || !ev->session || xd_session_type(ev->session) != XD_STREAM_C2S ||
+        !xd_jid_equal(ev->from, ev->to, 0) ||
+        !xd_jid_equal(xd_session_jid(ev->session), ev->from, 1)) {
+        reply_error(ev, "auth", "forbidden", "only the account itself may use its archive");
+        return -1;
+    }
+    bare = *ev->to;
+    xd_jid_to_bare(&bare);
+    if (!(*plen = user_prefix(&bare, prefix, len))) {
+        reply_error(ev, "modify", "bad-request", NULL);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+mam_iq(xd_event *ev, void *data)
+{
+    mam *a = data;
+    xmpp_stanza_t *el = first_tag(ev->stanza);
+    int set = !strcmp(xmpp_stanza_get_type(ev->stanza), "set");
+    char prefix[XD_JID_STR_MAX + 1];
+    size_t plen;
+
+    if (authorize(ev, prefix, sizeof(prefix), &plen) != 0)
+        return XD_HANDLED;
+    if (name_is(el, "query"))
+        set ? query_run(a, ev, el, prefix, plen) : query_form(ev);
+    else if (name_is(el, "prefs"))
+        set ? prefs_set(a, ev, el, prefix, plen) : prefs_get(a, ev, prefix, plen);
+    else
+        reply_error(ev, "cancel", "feature-not-implemented", NULL);
+    return XD_HANDLED;
+}
+
+/* ---- the module ---------------------------------------------------------------------------------
+ */
+
+static const xd_setting mam_settings[] = {
+    {"max_messages_per_user", XD_SETTING_INT},
+    {"max_age_days", XD_SETTING_INT},
+    {"max_page", XD_SETTING_INT},
+    {NULL, 0},
+};
+
+static int
+mam_load(xd_module *m)
+{
+    long long max_msgs = xd_config_int(m, "max_messages_per_user", 10000);
+    long long max_age = xd_config_int(m, "max_age_days", 0);
+    long long max_page = xd_config_int(m, "max_page", 100);
+    mam *a;
+    int r = 0;
+
+    if (max_msgs < 1 || max_msgs > 10000000) {
+        xd_config_error(m, "max_messages_per_user", "must be from 1 to 10000000");
+        return -1;
+    }
+    if (max_age < 0 || max_age > 36500) {
+        xd_config_error(m, "max_age_days", "must be from 0 (unlimited) to 36500");
+        return -1;
+    }
+    if (max_page < 1 || max_page > 1000) {
+        xd_config_error(m, "max_page", "must be from 1 to 1000");
+        return -1;
+    }
+    if (!(a = calloc(1, sizeof(*a))))
+        return -1;
+    a->m = m;
+    a->max_msgs = max_msgs;
+    a->max_age_days = max_age;
+    a->max_page = max_page;
+    xd_module_set_data(m, a);
+
+    a->arch = xd_db_open("mam");
+    a->meta = a->arch ? xd_db_open("mam_meta") : NULL;
+    a->prefs = a->meta ? xd_db_open("mam_prefs") : NULL;
+    if (!a->prefs) {
+        xd_debug("mam: storage not open, archiving disabled"); /* xmppd --check-config */
+        return 0;
+    }
+    r |= xd_hook(m, XD_HOOK_C2S_STANZA, mam_outgoing, a, XD_PRIO_LOW);
+    r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, mam_incoming, a, XD_PRIO_DEFAULT + 1);
+    r |= xd_iq_register(m, XD_IQ_ACCOUNT, "get", NS_MAM, mam_iq, a);
+    r |= xd_iq_register(m, XD_IQ_ACCOUNT, "set", NS_MAM, mam_iq, a);
+    r |= xd_disco_add_account_feature(m, NS_MAM);
+    r |= xd_disco_add_account_feature(m, NS_SID);
+    return r ? -1 : 0;
+}
+
+static void
+mam_unload(xd_module *m)
+{
+    free(xd_module_get_data(m));
+}
+
+XD_MODULE(mam) = {
+    .abi = XD_MODULE_ABI,
+    .name = "mam",
+    .settings = mam_settings,
+    .load = mam_load,
+    .unload = mam_unload,
+};
