@@ -925,6 +925,30 @@ roster_remove(roster_mod *rm, xd_event *ev, const char *owner, const char *peer)
     ch_free(&c);
 }
 
+/* XD_HOOK_ACCOUNT_REMOVED: the account's contacts learn that both directions
+ * of every subscription are gone (RFC 6121 3.2, 3.3); the core then purges
+ * the rows themselves. */
+static int
+roster_account_removed(xd_event *ev, void *data)
+{
+    roster_mod *rm = data;
+    char owner[XD_JID_STR_MAX];
+    rlist l;
+
+    if (!rm->items || xd_jid_format(ev->from, 0, owner, sizeof(owner)) < 0 ||
+        rlist_load(rm, NULL, owner, &l) != 0)
+        return XD_PASS;
+    for (int i = 0; i < l.n; i++) {
+        unsigned f = l.v[i].it.flags;
+        if (f & (F_TO | F_ASK))
+            route_sub(owner, l.v[i].peer, "unsubscribe");
+        if (f & (F_FROM | F_PENDIN))
+            route_sub(owner, l.v[i].peer, "unsubscribed");
+    }
+    rlist_free(&l);
+    return XD_PASS;
+}
+
 static int
 iq_roster_set(xd_event *ev, void *data)
 {
@@ -1404,6 +1428,7 @@ roster_load(xd_module *m)
     r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, roster_deliver_local, rm, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_PRESENCE_OUT, roster_presence_out, rm, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_SESSION_END, roster_session_end, rm, XD_PRIO_DEFAULT);
+    r |= xd_hook(m, XD_HOOK_ACCOUNT_REMOVED, roster_account_removed, rm, XD_PRIO_DEFAULT);
     return r ? -1 : 0;
 }
 

@@ -207,3 +207,28 @@ def test_removed_account_leaves_nothing_to_its_successor(srv, raw):
     finally:
         n.send("</stream:stream>")
         n.close()
+
+
+def test_removed_account_unsubscribes_its_contacts(srv, raw):
+    register(srv, "dave", "dave-Secret-9")
+    d = RawStream(srv)
+    d.login("dave@localhost", "dave-Secret-9", "d")
+    bob = raw(BOB, "b")
+    for r, j in ((d, "dave@localhost/d"), (bob, "bob@localhost/b")):
+        r.send("<presence/>")
+        r.expect(re.compile(rb"<presence\b[^>]*from=[\"']%s[\"']" % j.encode()), what="echo")
+    for me, other, oj, mj in ((d, bob, BOB, "dave@localhost"), (bob, d, "dave@localhost", BOB)):
+        me.send("<presence to='%s' type='subscribe'/>" % oj)
+        other.expect(re.compile(rb"<presence\b[^>]*type=[\"']subscribe[\"']"), what="request")
+        other.send("<presence to='%s' type='subscribed'/>" % mj)
+    bob.send("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>")
+    assert re.search(rb"jid=[\"']dave@localhost[\"'][^>]*subscription=[\"']both[\"']|"
+                     rb"subscription=[\"']both[\"'][^>]*jid=[\"']dave@localhost[\"']",
+                     iq_result(bob, "r1"))
+    d.send("<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>")
+    iq_result(d, "rm")
+    d.close()
+    bob.expect(re.compile(rb"<presence\b[^>]*type=[\"']unsubscribed[\"']"), what="unsubscribed")
+    bob.send("<iq type='get' id='r2'><query xmlns='jabber:iq:roster'/></iq>")
+    out = iq_result(bob, "r2")
+    assert not re.search(rb"subscription=[\"'](both|to|from)[\"']", out), out
