@@ -179,6 +179,25 @@ xd_router_unbind(xd_session *s)
     s->res_next = NULL;
 }
 
+/* s takes old's place in both tables (stream resumption). */
+void
+xd_router_replace(xd_session *old, xd_session *s)
+{
+    xd_session *head = xd_hashtab_get(xd_srv.bare_jids, s->bare); /* s has old's keys */
+    s->res_next = old->res_next;
+    if (head == old)
+        xd_hashtab_put(xd_srv.bare_jids, s->bare, s);
+    else {
+        for (; head && head->res_next != old; head = head->res_next)
+            ;
+        if (head)
+            head->res_next = s;
+    }
+    xd_hashtab_put(xd_srv.full_jids, s->full, s);
+    old->res_next = NULL;
+    s->bound = 1;
+}
+
 xd_session *
 xd_router_find_full(const char *full)
 {

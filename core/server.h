@@ -140,6 +140,7 @@ int xd_router_init(void);
 void xd_router_free(void);
 void xd_router_bind(xd_session *s);
 void xd_router_unbind(xd_session *s);
+void xd_router_replace(xd_session *old, xd_session *s);
 xd_session *xd_router_find_full(const char *full);
 void xd_route_from(xd_session *s, xmpp_stanza_t *st);
 

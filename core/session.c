@@ -19,6 +19,7 @@ static ev_prepare graveyard_w;
 static xd_session *graveyard;
 
 static void session_flush(xd_session *s);
+static void connection_lost(xd_session *s);
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void connect_cb(struct ev_loop *loop, ev_io *w, int revents);
 
@@ -47,8 +48,10 @@ timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
     xd_session *s = (xd_session *)((char *)w - offsetof(xd_session, timer));
     (void)loop;
     (void)revents;
-    if (s->closing) {
-        xd_session_kill(s); /* the peer would not read our last bytes */
+    if (s->closing || s->detached) {
+        if (s->detached)
+            xd_info("%s: %s was not resumed in time", s->peer, s->full ? s->full : "?");
+        xd_session_kill(s); /* the peer would not read our last bytes / never came back */
         return;
     }
     xd_info("%s: stream negotiation took too long", s->peer);
@@ -278,7 +281,7 @@ read_cb(struct ev_loop *loop, ev_io *w, int revents)
         if (n <= 0) {
             if (n == 0)
                 xd_debug("%s: connection closed by peer", s->peer);
-            xd_session_kill(s);
+            connection_lost(s);
             return;
         }
         s->in_len = (size_t)n;
@@ -316,7 +319,7 @@ session_flush(xd_session *s)
         }
         if (n < 0) {
             xd_debug("%s: write failed", s->peer);
-            xd_session_kill(s);
+            connection_lost(s);
             return;
         }
         s->out_off += (size_t)n;
@@ -333,7 +336,7 @@ session_flush(xd_session *s)
 int
 xd_session_send_raw(xd_session *s, const char *data, size_t len)
 {
-    if (s->dead)
+    if (s->dead || s->detached)
         return -1;
     if (s->out_len - s->out_off + len > XD_OUT_MAX) {
         xd_warn("%s: peer is not reading; %zu bytes queued; closing", s->peer,
@@ -397,6 +400,14 @@ xd_session_send(xd_session *s, xmpp_stanza_t *st)
         xmpp_stanza_release(st);
         return -1;
     }
+    if (s->type == XD_STREAM_C2S && s->bound && !s->dead && !s->closing && is_routable(st)) {
+        xd_event ev = {.session = s, .stanza = st, .from = &s->jid};
+        xd_hooks_run(XD_HOOK_STANZA_OUT, &ev);
+        if (s->detached) {
+            xmpp_stanza_release(st); /* kept by whoever queues for resumption */
+            return 0;
+        }
+    }
     if (!s->dead && !s->closing) {
         strip_stream_ns(st);
         if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK) {
@@ -409,6 +420,47 @@ xd_session_send(xd_session *s, xmpp_stanza_t *st)
 }
 
 /* ---- closing ------------------------------------------------------------------ */
+
+/* Drop the connection (socket, TLS, parser input, output) but not the session. */
+static void
+drop_connection(xd_session *s)
+{
+    ev_io_stop(xd_srv.loop, &s->rio);
+    ev_io_stop(xd_srv.loop, &s->wio);
+    ev_timer_stop(xd_srv.loop, &s->timer);
+    ev_timer_stop(xd_srv.loop, &s->pause_timer);
+    if (s->tls) {
+        gnutls_deinit(s->tls);
+        s->tls = NULL;
+    }
+    s->tls_up = s->tls_handshaking = s->tls_start_after_flush = 0;
+    s->tls_retry_len = 0;
+    if (s->fd >= 0)
+        close(s->fd);
+    s->fd = -1;
+    s->out_off = s->out_len = 0;
+    s->in_len = 0;
+    s->in_pending = s->suspended = s->paused = 0;
+}
+
+/* XEP-0198 5: a resumable session outlives its connection for a while. */
+static void
+connection_lost(xd_session *s)
+{
+    if (s->dead)
+        return;
+    if (s->resume_timeout <= 0 || !s->bound || s->ending || s->closing || s->detached ||
+        xd_srv.stopping) {
+        xd_session_kill(s);
+        return;
+    }
+    xd_info("%s: connection of %s lost; resumable for %.0f s", s->peer, s->full,
+            s->resume_timeout);
+    drop_connection(s);
+    s->detached = 1;
+    ev_timer_set(&s->timer, s->resume_timeout, 0.);
+    ev_timer_start(xd_srv.loop, &s->timer);
+}
 
 /* SESSION_END hooks may write to other sessions, whose failure may end them
  * and write back to this one: `ending` makes this run once per session. */
@@ -440,6 +492,10 @@ xd_session_close(xd_session *s, const char *condition, const char *text)
         return;
     ev_io_stop(xd_srv.loop, &s->rio);
     ev_timer_stop(xd_srv.loop, &s->pause_timer);
+    if (s->detached) {
+        xd_session_kill(s); /* no one to tell */
+        return;
+    }
     if (condition)
         xd_stream_send_error(s, condition, text);
     else {
@@ -463,6 +519,7 @@ xd_session_kill(xd_session *s)
     if (s->dead)
         return;
     s->dead = 1; /* first: re-entry through the hooks below stops here */
+    s->detached = 0;
     unbind(s);
     if (!s->closed_hook_run) {
         xd_event ev = {.session = s};
@@ -656,10 +713,73 @@ xd_session_set_data(xd_session *s, xd_module *m, void *data, void (*free_fn)(voi
     s->mfree[m->index] = free_fn;
 }
 
+unsigned
+xd_session_stanzas_in(const xd_session *s)
+{
+    return s->stanzas_in;
+}
+
+void
+xd_session_set_resumable(xd_session *s, double seconds)
+{
+    s->resume_timeout = s->type == XD_STREAM_C2S && seconds > 0 ? seconds : 0;
+}
+
+int
+xd_session_is_detached(const xd_session *s)
+{
+    return s->detached;
+}
+
+int
+xd_session_resume(xd_session *s, xd_session *old)
+{
+    char *tmp;
+
+    if (s == old || s->type != XD_STREAM_C2S || old->type != XD_STREAM_C2S || s->dead ||
+        s->closing || !s->authenticated || s->bound || old->dead || old->closing ||
+        old->ending || !old->bound || strcmp(s->jid.local, old->jid.local) != 0 ||
+        strcmp(s->jid.domain, old->jid.domain) != 0)
+        return -1;
+    if (!old->detached)
+        drop_connection(old); /* the client says that connection is dead */
+    /* Identity and presence state. */
+    s->jid = old->jid;
+    tmp = s->full, s->full = old->full, old->full = tmp;
+    tmp = s->bare, s->bare = old->bare, old->bare = tmp;
+    if (s->presence)
+        xmpp_stanza_release(s->presence);
+    s->presence = old->presence;
+    old->presence = NULL;
+    s->available = old->available;
+    s->presence_seen = old->presence_seen;
+    s->priority = old->priority;
+    s->stanzas_in = old->stanzas_in;
+    s->resume_timeout = old->resume_timeout;
+    for (int i = 0; i < XD_MAX_MODULES; i++) {
+        if (old->mdata[i]) {
+            void *d = s->mdata[i];
+            void (*f)(void *) = s->mfree[i];
+            s->mdata[i] = old->mdata[i];
+            s->mfree[i] = old->mfree[i];
+            old->mdata[i] = d;
+            old->mfree[i] = f;
+        }
+    }
+    /* Its place in the routing tables, without unbinding. */
+    xd_router_replace(old, s);
+    old->bound = old->available = 0;
+    old->detached = 0;
+    ev_timer_stop(xd_srv.loop, &s->timer); /* negotiation is over */
+    xd_info("%s: session %s resumed (was %s)", s->peer, s->full, old->peer);
+    xd_session_kill(old);
+    return 0;
+}
+
 void
 xd_session_pause(xd_session *s, unsigned ms)
 {
-    if (s->dead || s->closing)
+    if (s->dead || s->closing || s->detached)
         return;
     s->paused = 1;
     ev_io_stop(xd_srv.loop, &s->rio);

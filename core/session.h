@@ -47,7 +47,10 @@ struct xd_session {
 
     /* stream state */
     unsigned header_sent : 1, header_received : 1, authenticated : 1, bound : 1, closing : 1,
-        dead : 1, paused : 1, available : 1, presence_seen : 1, ending : 1;
+        dead : 1, paused : 1, available : 1, presence_seen : 1, ending : 1,
+        detached : 1; /* bound, connection lost, awaiting resumption (XEP-0198) */
+    double resume_timeout; /* > 0: a lost connection detaches instead of ending */
+    unsigned stanzas_in;   /* routable stanzas received while bound (c2s) */
     int restart;
     int priority;
     char host[XD_JID_PART_MAX + 1];

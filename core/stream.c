@@ -241,6 +241,8 @@ dispatch(xd_session *s, xmpp_stanza_t *st)
     }
     if (is_stanza(s, st)) {
         if (s->authenticated && (s->bound || s->type == XD_STREAM_S2S)) {
+            if (s->type == XD_STREAM_C2S)
+                s->stanzas_in++; /* XEP-0198 h of the client */
             xd_route_from(s, st); /* takes st */
             return;
         }

@@ -80,7 +80,8 @@ typedef struct sent_rec {
  */
 typedef struct flush_state {
     offline *o;
-    xd_session *s;
+    xd_session *s;                   /* refreshed on every use: see flush_tick */
+    xd_jid bare;                     /* the user, to find s again */
     xd_timer *timer;
     unsigned char after[SEQ_LEN]; /* last sequence handled (delivered or skipped) */
     int has_after;
@@ -506,11 +507,35 @@ deliverable(xd_session *s)
     return xd_session_is_bound(s) && xd_session_is_available(s) && xd_session_priority(s) >= 0;
 }
 
+/* The session that owns fs now: stream resumption (XEP-0198) may have moved
+ * fs from the session it was made for to the one that took that one over. */
+typedef struct owner_search {
+    offline *o;
+    flush_state *fs;
+    xd_session *found;
+} owner_search;
+
+static int
+find_owner(xd_session *s, void *data)
+{
+    owner_search *os = data;
+    if (xd_session_get_data(s, os->o->m) == os->fs) {
+        os->found = s;
+        return 1;
+    }
+    return 0;
+}
+
 static void
 flush_tick(void *data)
 {
     flush_state *fs = data;
+    owner_search os = {fs->o, fs, NULL};
     fs->timer = NULL; /* one-shot: spent */
+    xd_user_sessions(&fs->bare, find_owner, &os);
+    if (!os.found)
+        return;
+    fs->s = os.found;
     if (deliverable(fs->s))
         flush_batch(fs);
 }
@@ -538,9 +563,11 @@ offline_presence(xd_event *ev, void *data)
         if (!(fs = calloc(1, sizeof(*fs))))
             return XD_PASS;
         fs->o = o;
-        fs->s = s;
+        fs->bare = *xd_session_jid(s);
+        xd_jid_to_bare(&fs->bare);
         xd_session_set_data(s, o->m, fs, flush_state_free);
     }
+    fs->s = s;
     if (fs->timer || fs->ack_id[0])
         return XD_PASS; /* a backlog is already on its way */
     flush_batch(fs);
@@ -564,6 +591,7 @@ offline_ack(xd_event *ev, void *data)
         strcmp(xmpp_stanza_get_name(ev->stanza), "iq") != 0)
         return XD_PASS;
     fs->ack_id[0] = '\0';
+    fs->s = s;
     bare = *xd_session_jid(s);
     xd_jid_to_bare(&bare);
     if ((plen = user_prefix(&bare, prefix, sizeof(prefix))))

@@ -74,6 +74,8 @@ typedef enum xd_hook_id {
                                stanza, from; flags has XD_EVENT_INITIAL on its first available one */
     XD_HOOK_ACCOUNT_REMOVED, /* an account is being deleted (from = its bare JID); its records
                                 keyed "bare JID\0..." in every table are purged right after */
+    XD_HOOK_STANZA_OUT,     /* a routable stanza (message/presence/iq) is being sent to a bound
+                               client session (also while it is detached): session, stanza */
     XD_HOOK_COUNT
 } xd_hook_id;
 
@@ -167,6 +169,30 @@ void xd_session_set_presence(xd_session *s, xmpp_stanza_t *presence);
 int xd_session_is_available(const xd_session *s);
 int xd_session_priority(const xd_session *s);
 xmpp_stanza_t *xd_session_presence(const xd_session *s); /* borrowed, NULL if none */
+
+/*
+ * Stream resumption support (XEP-0198).  Routable stanzas received from the
+ * client since it was bound (counts modulo 2^32):
+ */
+unsigned xd_session_stanzas_in(const xd_session *s);
+/*
+ * seconds > 0: when this bound client session loses its connection without
+ * a clean </stream:stream>, it is detached instead of ended: the socket is
+ * closed but the session stays bound and routable (XD_HOOK_STANZA_OUT still
+ * runs for what is sent to it; nothing is written) for `seconds`, after
+ * which it ends normally.  0 turns this off.
+ */
+void xd_session_set_resumable(xd_session *s, double seconds);
+int xd_session_is_detached(const xd_session *s);
+/*
+ * The authenticated, not yet bound client session s takes over `old`, a
+ * bound session of the same account (detached or not: a live one loses its
+ * connection): s gets its full JID, presence state, received-stanza count
+ * and per-module data (swapped with s's own where old had any) and its place
+ * in the routing tables; no SESSION_END/SESSION_START hooks run.  The old
+ * stream then ends (XD_HOOK_STREAM_CLOSED only).  0 ok, -1 refused.
+ */
+int xd_session_resume(xd_session *s, xd_session *old);
 
 /* ---- server-to-server streams --------------------------------------------- */
 

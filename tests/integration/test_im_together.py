@@ -221,6 +221,7 @@ def test_removed_account_unsubscribes_its_contacts(srv, raw):
         me.send("<presence to='%s' type='subscribe'/>" % oj)
         other.expect(re.compile(rb"<presence\b[^>]*type=[\"']subscribe[\"']"), what="request")
         other.send("<presence to='%s' type='subscribed'/>" % mj)
+        me.expect(re.compile(rb"<presence\b[^>]*type=[\"']subscribed[\"']"), what="approval")
     bob.send("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>")
     assert re.search(rb"jid=[\"']dave@localhost[\"'][^>]*subscription=[\"']both[\"']|"
                      rb"subscription=[\"']both[\"'][^>]*jid=[\"']dave@localhost[\"']",
