@@ -399,6 +399,7 @@ def test_contact_with_notify_caps_gets_events(srv, raw):
 
     # unavailable presence ends the interest
     bob.send("<presence type='unavailable' to='%s'/>" % ALICE)
+    assert_no_event(bob, "the unavailable presence")  # processed before alice publishes
     ok(publish(alice, DEVICELIST, devicelist(3), "current"))
     event_message(bob2, DEVICELIST)
     assert_no_event(bob, "after unavailable")
