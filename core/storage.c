@@ -646,3 +646,30 @@ int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen)
     closedir(d);
     return rc;
 }
+
+/* ---- keys -------------------------------------------------------------------- */
+
+size_t xd_db_user_prefix(const xd_jid *bare, char *buf, size_t len)
+{
+    int n = len ? xd_jid_format(bare, 0, buf, len - 1) : -1;
+    if (n < 0)
+        return 0;
+    buf[n] = '\0';
+    return (size_t)n + 1;
+}
+
+void xd_db_put_be(unsigned char *p, unsigned long long v, int n)
+{
+    for (int i = n - 1; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+unsigned long long xd_db_get_be(const unsigned char *p, int n)
+{
+    unsigned long long v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}

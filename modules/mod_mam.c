@@ -108,35 +108,6 @@ typedef struct meta {
 /* ---- encoding --------------------------------------------------------------------- */
 
 static void
-put_be(unsigned char *p, unsigned long long v, int n)
-{
-    for (int i = n - 1; i >= 0; i--) {
-        p[i] = (unsigned char)(v & 0xff);
-        v >>= 8;
-    }
-}
-
-static unsigned long long
-get_be(const unsigned char *p, int n)
-{
-    unsigned long long v = 0;
-    for (int i = 0; i < n; i++)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-/* "user@domain\0": the prefix of the user's keys; returns its length (0 on error). */
-static size_t
-user_prefix(const xd_jid *bare, char *buf, size_t len)
-{
-    int n = xd_jid_format(bare, 0, buf, len - 1);
-    if (n < 0)
-        return 0;
-    buf[n] = '\0';
-    return (size_t)n + 1;
-}
-
-static void
 seq_to_id(unsigned long long seq, char out[ID_LEN + 1])
 {
     snprintf(out, ID_LEN + 1, "%016llx", seq);
@@ -573,14 +544,14 @@ rebuild_visit(const void *key, size_t klen, const void *val, size_t vlen, void *
 
     if (klen != r->plen + SEQ_LEN)
         return 0;
-    seq = get_be((const unsigned char *)key + r->plen, SEQ_LEN);
+    seq = xd_db_get_be((const unsigned char *)key + r->plen, SEQ_LEN);
     if (!r->any || seq < r->mt->oldest_seq)
         r->mt->oldest_seq = seq;
     if (!r->any || seq + 1 > r->mt->next_seq)
         r->mt->next_seq = seq + 1;
     if (vlen >= RECORD_FIXED && v[0] == RECORD_VERSION &&
-        (long long)get_be(v + 1, 8) > r->mt->last_time)
-        r->mt->last_time = (long long)get_be(v + 1, 8);
+        (long long)xd_db_get_be(v + 1, 8) > r->mt->last_time)
+        r->mt->last_time = (long long)xd_db_get_be(v + 1, 8);
     r->any = 1;
     return 0;
 }
@@ -599,9 +570,9 @@ meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
         return -1;
     if (r == 0 && vlen == META_LEN && ((unsigned char *)val)[0] == META_VERSION) {
         const unsigned char *p = val;
-        mt->next_seq = get_be(p + 1, 8);
-        mt->oldest_seq = get_be(p + 9, 8);
-        mt->last_time = (long long)get_be(p + 17, 8);
+        mt->next_seq = xd_db_get_be(p + 1, 8);
+        mt->oldest_seq = xd_db_get_be(p + 9, 8);
+        mt->last_time = (long long)xd_db_get_be(p + 17, 8);
         free(val);
         return 0;
     }
@@ -620,9 +591,9 @@ meta_save(mam *a, xd_txn *txn, const char *prefix, size_t plen, const meta *mt)
 {
     unsigned char p[META_LEN];
     p[0] = META_VERSION;
-    put_be(p + 1, mt->next_seq, 8);
-    put_be(p + 9, mt->oldest_seq, 8);
-    put_be(p + 17, (unsigned long long)mt->last_time, 8);
+    xd_db_put_be(p + 1, mt->next_seq, 8);
+    xd_db_put_be(p + 9, mt->oldest_seq, 8);
+    xd_db_put_be(p + 17, (unsigned long long)mt->last_time, 8);
     return xd_db_put(a->meta, txn, prefix, plen, p, sizeof(p));
 }
 
@@ -638,7 +609,7 @@ prune(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt, unsigned l
     for (int n = 0; n < PRUNE_MAX && mt->oldest_seq < keep; n++) {
         unsigned long long count = mt->next_seq - mt->oldest_seq;
         int r;
-        put_be(key + plen, mt->oldest_seq, SEQ_LEN);
+        xd_db_put_be(key + plen, mt->oldest_seq, SEQ_LEN);
         if ((long long)count <= a->max_msgs) {
             void *val = NULL;
             size_t vlen = 0;
@@ -648,7 +619,7 @@ prune(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt, unsigned l
             r = xd_db_get(a->arch, txn, key, plen + SEQ_LEN, &val, &vlen);
             if (r < 0)
                 return -1;
-            t = r == 0 && vlen >= RECORD_FIXED ? (long long)get_be((unsigned char *)val + 1, 8) : 0;
+            t = r == 0 && vlen >= RECORD_FIXED ? (long long)xd_db_get_be((unsigned char *)val + 1, 8) : 0;
             free(val);
             if (r == 0 && t >= cutoff)
                 break;
@@ -696,12 +667,12 @@ archive_store(mam *a, const char *prefix, size_t plen, char dir, const char *wit
     if (t <= mt.last_time)
         t = mt.last_time + 1; /* strictly increasing: time order is archive order */
     rec[0] = RECORD_VERSION;
-    put_be(rec + 1, (unsigned long long)t, 8);
+    xd_db_put_be(rec + 1, (unsigned long long)t, 8);
     rec[9] = (unsigned char)dir;
-    put_be(rec + 10, wlen, 2);
+    xd_db_put_be(rec + 10, wlen, 2);
     memcpy(rec + RECORD_FIXED, with, wlen);
     memcpy(key, prefix, plen);
-    put_be(key + plen, mt.next_seq, SEQ_LEN);
+    xd_db_put_be(key + plen, mt.next_seq, SEQ_LEN);
     *seq_out = mt.next_seq;
     mt.next_seq++;
     mt.last_time = t;
@@ -741,7 +712,7 @@ mam_outgoing(xd_event *ev, void *data)
     /* to oneself: the incoming side archives it, once */
     if (xd_jid_equal(&bare, ev->to, 0))
         return XD_PASS;
-    if (!(plen = user_prefix(&bare, prefix, sizeof(prefix))) ||
+    if (!(plen = xd_db_user_prefix(&bare, prefix, sizeof(prefix))) ||
         xd_jid_format(ev->to, ev->to->resource[0] != '\0', with, sizeof(with)) < 0)
         return XD_PASS;
     if (prefs_allow(a, prefix, plen, with))
@@ -773,7 +744,7 @@ mam_incoming(xd_event *ev, void *data)
         return XD_PASS;
     bare = *ev->to;
     xd_jid_to_bare(&bare);
-    if (!(plen = user_prefix(&bare, prefix, sizeof(prefix))))
+    if (!(plen = xd_db_user_prefix(&bare, prefix, sizeof(prefix))))
         return XD_PASS;
     neutralise_stanza_ids(st, prefix);
     if (!ev->from || !archivable(st) ||
@@ -833,8 +804,8 @@ record_matches(const filter *f, const unsigned char *v, size_t vlen)
 
     if (vlen < RECORD_FIXED || v[0] != RECORD_VERSION)
         return 0;
-    t = (long long)get_be(v + 1, 8);
-    wlen = (size_t)get_be(v + 10, 2);
+    t = (long long)xd_db_get_be(v + 1, 8);
+    wlen = (size_t)xd_db_get_be(v + 10, 2);
     if (RECORD_FIXED + wlen > vlen)
         return 0;
     if ((f->start >= 0 && t < f->start) || (f->end >= 0 && t > f->end) ||
@@ -861,7 +832,7 @@ scan_visit(const void *key, size_t klen, const void *val, size_t vlen, void *dat
 
     if (klen != s->plen + SEQ_LEN || !record_matches(s->f, val, vlen))
         return 0;
-    seq = get_be((const unsigned char *)key + s->plen, SEQ_LEN);
+    seq = xd_db_get_be((const unsigned char *)key + s->plen, SEQ_LEN);
     s->total++;
     if (s->has_after && seq <= s->after) {
         s->pre++;
@@ -891,7 +862,7 @@ id_exists(mam *a, const char *prefix, size_t plen, unsigned long long seq)
     int r;
 
     memcpy(key, prefix, plen);
-    put_be(key + plen, seq, SEQ_LEN);
+    xd_db_put_be(key + plen, seq, SEQ_LEN);
     r = xd_db_get(a->arch, NULL, key, plen + SEQ_LEN, &val, &vlen);
     free(val);
     return r == 0 ? 1 : r == XD_NOTFOUND ? 0 : -1;
@@ -981,7 +952,7 @@ result_message(const char *to, const char *from, const char *queryid, unsigned l
                const unsigned char *v, size_t vlen)
 {
     char id[ID_LEN + 1], stamp[40];
-    size_t wlen = vlen >= RECORD_FIXED ? (size_t)get_be(v + 10, 2) : 0;
+    size_t wlen = vlen >= RECORD_FIXED ? (size_t)xd_db_get_be(v + 10, 2) : 0;
     size_t tlen = vlen >= RECORD_FIXED + wlen ? vlen - RECORD_FIXED - wlen : 0;
     char *text;
     xmpp_stanza_t *inner, *msg, *res, *fwd, *delay;
@@ -1001,7 +972,7 @@ result_message(const char *to, const char *from, const char *queryid, unsigned l
     if (!xmpp_stanza_get_ns(inner))
         xmpp_stanza_set_ns(inner, NS_CLIENT); /* else it would inherit forward:0 */
     seq_to_id(seq, id);
-    format_stamp((long long)get_be(v + 1, 8), stamp, sizeof(stamp));
+    format_stamp((long long)xd_db_get_be(v + 1, 8), stamp, sizeof(stamp));
     msg = xd_stanza_new("message", NULL);
     res = xd_stanza_new("result", NS_MAM);
     fwd = xd_stanza_new("forwarded", NS_FORWARD);
@@ -1144,7 +1115,7 @@ query_run(mam *a, xd_event *ev, xmpp_stanza_t *query, const char *prefix, size_t
             xmpp_stanza_t *msg;
 
             memcpy(key, prefix, plen);
-            put_be(key + plen, seq, SEQ_LEN);
+            xd_db_put_be(key + plen, seq, SEQ_LEN);
             if (xd_db_get(a->arch, NULL, key, plen + SEQ_LEN, &val, &vlen) != 0) {
                 free(val);
                 continue;
@@ -1220,7 +1191,7 @@ authorize(xd_event *ev, char *prefix, size_t len, size_t *plen)
     }
     bare = *ev->to;
     xd_jid_to_bare(&bare);
-    if (!(*plen = user_prefix(&bare, prefix, len))) {
+    if (!(*plen = xd_db_user_prefix(&bare, prefix, len))) {
         reply_error(ev, "modify", "bad-request", NULL);
         return -1;
     }

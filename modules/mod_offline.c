@@ -92,37 +92,6 @@ typedef struct flush_state {
     unsigned long nping;
 } flush_state;
 
-/* ---- encoding --------------------------------------------------------------------- */
-
-static void
-put_be(unsigned char *p, unsigned long long v, int n)
-{
-    for (int i = n - 1; i >= 0; i--) {
-        p[i] = (unsigned char)(v & 0xff);
-        v >>= 8;
-    }
-}
-
-static unsigned long long
-get_be(const unsigned char *p, int n)
-{
-    unsigned long long v = 0;
-    for (int i = 0; i < n; i++)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-/* "user@domain\0": the prefix of the user's record keys; returns its length. */
-static size_t
-user_prefix(const xd_jid *bare, char *buf, size_t len)
-{
-    int n = xd_jid_format(bare, 0, buf, len - 1);
-    if (n < 0)
-        return 0;
-    buf[n] = '\0';
-    return (size_t)n + 1;
-}
-
 /* ---- meta record ----------------------------------------------------------------------- */
 
 typedef struct scan_acc {
@@ -136,7 +105,7 @@ scan_visit(const void *key, size_t klen, const void *val, size_t vlen, void *dat
     scan_acc *a = data;
     (void)val;
     if (klen == a->plen + SEQ_LEN) {
-        unsigned long long seq = get_be((const unsigned char *)key + a->plen, SEQ_LEN);
+        unsigned long long seq = xd_db_get_be((const unsigned char *)key + a->plen, SEQ_LEN);
         if (seq + 1 > a->mt->next_seq)
             a->mt->next_seq = seq + 1;
     }
@@ -160,9 +129,9 @@ meta_load(offline *o, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
         return -1;
     if (r == 0 && vlen == META_LEN && ((unsigned char *)val)[0] == META_VERSION) {
         const unsigned char *p = val;
-        mt->next_seq = get_be(p + 1, 8);
-        mt->count = (unsigned long)get_be(p + 9, 4);
-        mt->bytes = get_be(p + 13, 8);
+        mt->next_seq = xd_db_get_be(p + 1, 8);
+        mt->count = (unsigned long)xd_db_get_be(p + 9, 4);
+        mt->bytes = xd_db_get_be(p + 13, 8);
         free(val);
         return 0;
     }
@@ -182,9 +151,9 @@ meta_save(offline *o, xd_txn *txn, const char *prefix, size_t plen, const meta *
 {
     unsigned char p[META_LEN];
     p[0] = META_VERSION;
-    put_be(p + 1, mt->next_seq, 8);
-    put_be(p + 9, mt->count, 4);
-    put_be(p + 13, mt->bytes, 8);
+    xd_db_put_be(p + 1, mt->next_seq, 8);
+    xd_db_put_be(p + 9, mt->count, 4);
+    xd_db_put_be(p + 13, mt->bytes, 8);
     return xd_db_put(o->meta, txn, prefix, plen - 1, p, sizeof(p));
 }
 
@@ -196,7 +165,7 @@ static int
 store_message(offline *o, const xd_jid *bare, xmpp_stanza_t *st)
 {
     char prefix[XD_JID_STR_MAX + 1];
-    size_t plen = user_prefix(bare, prefix, sizeof(prefix));
+    size_t plen = xd_db_user_prefix(bare, prefix, sizeof(prefix));
     unsigned char key[sizeof(prefix) + SEQ_LEN];
     unsigned char *rec = NULL;
     char *text = NULL;
@@ -221,7 +190,7 @@ store_message(offline *o, const xd_jid *bare, xmpp_stanza_t *st)
         return STORE_ERROR;
     }
     rec[0] = RECORD_VERSION;
-    put_be(rec + 1, (unsigned long long)time(NULL), 8);
+    xd_db_put_be(rec + 1, (unsigned long long)time(NULL), 8);
     memcpy(rec + RECORD_HEADER, text, tlen);
     xmpp_free(xd_ctx(), text);
 
@@ -236,7 +205,7 @@ store_message(offline *o, const xd_jid *bare, xmpp_stanza_t *st)
         goto abort;
     }
     memcpy(key, prefix, plen);
-    put_be(key + plen, mt.next_seq, SEQ_LEN);
+    xd_db_put_be(key + plen, mt.next_seq, SEQ_LEN);
     mt.next_seq++;
     mt.count++;
     mt.bytes += rlen;
@@ -354,7 +323,7 @@ batch_visit(const void *key, size_t klen, const void *val, size_t vlen, void *da
     p->rlen = vlen;
     b->bytes += vlen;
     if (vlen > RECORD_HEADER && v[0] == RECORD_VERSION) {
-        p->when = (long long)get_be(v + 1, 8);
+        p->when = (long long)xd_db_get_be(v + 1, 8);
         if ((p->text = malloc(vlen - RECORD_HEADER + 1))) {
             memcpy(p->text, v + RECORD_HEADER, vlen - RECORD_HEADER);
             p->text[vlen - RECORD_HEADER] = '\0';
@@ -456,7 +425,7 @@ flush_batch(flush_state *fs)
     size_t plen;
 
     xd_jid_to_bare(&bare);
-    if (!(plen = user_prefix(&bare, prefix, sizeof(prefix))) || !(b = calloc(1, sizeof(*b))))
+    if (!(plen = xd_db_user_prefix(&bare, prefix, sizeof(prefix))) || !(b = calloc(1, sizeof(*b))))
         return;
     b->fs = fs;
     b->plen = plen;
@@ -471,7 +440,7 @@ flush_batch(flush_state *fs)
         if (!st || !xmpp_stanza_get_name(st) || strcmp(xmpp_stanza_get_name(st), "message") != 0) {
             /* never silently lose a message: keep it for an operator to look at */
             xd_error("offline: %s: stored message %llu is unreadable; kept, not delivered",
-                     prefix, get_be(p->seq, SEQ_LEN));
+                     prefix, xd_db_get_be(p->seq, SEQ_LEN));
             if (st)
                 xmpp_stanza_release(st);
             memcpy(fs->after, p->seq, SEQ_LEN);
@@ -594,7 +563,7 @@ offline_ack(xd_event *ev, void *data)
     fs->s = s;
     bare = *xd_session_jid(s);
     xd_jid_to_bare(&bare);
-    if ((plen = user_prefix(&bare, prefix, sizeof(prefix))))
+    if ((plen = xd_db_user_prefix(&bare, prefix, sizeof(prefix))))
         forget_acked(o, prefix, plen, fs->unacked, fs->nunacked);
     fs->nunacked = 0;
     if (fs->more && deliverable(s))

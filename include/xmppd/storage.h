@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 
+#include <xmppd/jid.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -35,6 +37,16 @@ typedef int (*xd_db_visit_fn)(const void *key, size_t klen, const void *val, siz
                               void *data);
 int xd_db_foreach(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, xd_db_visit_fn fn,
                   void *data);
+
+/*
+ * Keys.  A user's records are keyed with the bare JID and a NUL first, so a
+ * prefix scan finds them and account removal purges them.  Returns the
+ * prefix length (with the NUL), 0 if it does not fit in buf.
+ */
+size_t xd_db_user_prefix(const xd_jid *bare, char *buf, size_t len);
+/* Big-endian unsigned integers of n bytes, which sort in numeric order. */
+void xd_db_put_be(unsigned char *p, unsigned long long v, int n);
+unsigned long long xd_db_get_be(const unsigned char *p, int n);
 
 #ifdef __cplusplus
 }
