@@ -7,7 +7,7 @@
 #include "session.h"
 #include "store.h"
 
-static ev_signal sig_term, sig_int, sig_hup;
+static ev_signal sig_term, sig_int, sig_hup, sig_usr1;
 static ev_timer drain_w;
 
 static void
@@ -49,7 +49,19 @@ hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
     (void)loop;
     (void)w;
     (void)revents;
+    xd_event ev = {0};
+    xd_info("SIGHUP: reloading certificates and module files");
     xd_tls_reload();
+    xd_hooks_run(XD_HOOK_RELOAD, &ev);
+}
+
+static void
+usr1_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    xd_stats_log();
 }
 
 /* Everything but the store and the sockets: shared by --check-config. */
@@ -141,6 +153,8 @@ main(int argc, char **argv)
     ev_signal_start(xd_srv.loop, &sig_term);
     ev_signal_start(xd_srv.loop, &sig_int);
     ev_signal_start(xd_srv.loop, &sig_hup);
+    ev_signal_init(&sig_usr1, usr1_cb, SIGUSR1);
+    ev_signal_start(xd_srv.loop, &sig_usr1);
     xd_info("xmppd %s started with %d module(s)", XD_VERSION, xd_srv.nmodules);
     ev_run(xd_srv.loop, 0);
 
@@ -152,6 +166,7 @@ main(int argc, char **argv)
         xd_session_destroy(s);
     }
     xd_listeners_close();
+    xd_stats_log();
     teardown();
     xd_info("xmppd stopped");
     return 0;

@@ -147,6 +147,7 @@ xd_modules_load(void)
 static void
 forget_module(xd_module *m)
 {
+    xd_services_forget(m);
     for (int h = 0; h < XD_HOOK_COUNT; h++) {
         xd_hook_list *l = &xd_srv.hooks[h];
         int k = 0;
@@ -189,6 +190,7 @@ xd_modules_unload(void)
         free(reg.disco[i].c);
     }
     memset(&reg, 0, sizeof(reg));
+    xd_services_free();
     for (int i = 0; i < xd_srv.nmodules; i++) {
         /* Leave the code mapped: stanzas and timers may still point at it
          * during the last moments of shutdown; the process exits next. */
@@ -241,6 +243,23 @@ xd_hook(xd_module *m, xd_hook_id id, xd_hook_fn fn, void *data, int priority)
     l->v[i] = (xd_hook_entry){m, fn, data, priority};
     l->n++;
     return 0;
+}
+
+/* The handlers ranked after m's last one (a held stanza goes on from there). */
+int
+xd_hooks_run_after(xd_hook_id id, const xd_module *m, xd_event *ev)
+{
+    xd_hook_list *l = &xd_srv.hooks[id];
+    int start = 0;
+    for (int i = 0; i < l->n; i++)
+        if (l->v[i].owner == m)
+            start = i + 1;
+    for (int i = start; i < l->n; i++) {
+        int r = l->v[i].fn(ev, l->v[i].data);
+        if (r != XD_PASS)
+            return r;
+    }
+    return XD_PASS;
 }
 
 int
@@ -301,6 +320,8 @@ xd_iq_dispatch(xd_iq_scope scope, xd_event *ev)
         payload = xmpp_stanza_get_next(payload);
     if (!payload || !type || !xmpp_stanza_get_ns(payload))
         return XD_PASS;
+    if (scope == XD_IQ_HOST && xd_adhoc_dispatch(ev) != XD_PASS)
+        return XD_HANDLED;
     if (iq_key(key, sizeof(key), scope, type, xmpp_stanza_get_ns(payload)))
         return XD_PASS;
     e = xd_hashtab_get(xd_srv.iq_handlers, key);

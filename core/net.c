@@ -80,6 +80,8 @@ open_one(xd_listener *l)
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV;
     snprintf(port, sizeof(port), "%d", l->port);
+    snprintf(l->name, sizeof(l->name), strchr(l->address, ':') ? "[%s]:%d" : "%s:%d", l->address,
+             l->port);
     if ((r = getaddrinfo(l->address, port, &hints, &ai)) != 0) {
         xd_error("%s:%d: listener address '%s' is not a numeric IPv4 or IPv6 address: %s",
                  xd_srv.conf.path, l->line, l->address, gai_strerror(r));

@@ -356,11 +356,16 @@ deliver_host(xd_event *ev, xmpp_stanza_t *st)
 {
     const char *name = xmpp_stanza_get_name(st);
     if (!strcmp(name, "iq")) {
+        if (xd_iq_pending_reply(ev))
+            return;
         if (xd_iq_dispatch(XD_IQ_HOST, ev) == XD_PASS)
             xd_bounce(st, "cancel", "service-unavailable", NULL);
-    } else if (!strcmp(name, "message") && !type_is(st, "error") && !type_is(st, "headline")) {
-        xd_bounce(st, "cancel", "service-unavailable", NULL);
+        return;
     }
+    if (xd_hooks_run(XD_HOOK_HOST_STANZA, ev) != XD_PASS)
+        return;
+    if (!strcmp(name, "message") && !type_is(st, "error") && !type_is(st, "headline"))
+        xd_bounce(st, "cancel", "service-unavailable", NULL);
     /* presence to the server itself: nothing to do unless a module hooked it */
 }
 

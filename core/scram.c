@@ -748,3 +748,9 @@ int xd_scram_server_final(xd_scram_server *s, const char *client_final, size_t l
     *out_len = strlen(final);
     return 0;
 }
+
+void
+xd_sha256(const void *data, size_t len, unsigned char out[32])
+{
+    gnutls_hash_fast(GNUTLS_DIG_SHA256, data, len, out);
+}

@@ -29,6 +29,7 @@ typedef struct xd_listener {
     int port;
     int line;
     int fd;
+    char name[80]; /* "address:port", for modules and logs */
     ev_io io;
     ev_timer retry; /* accept paused after running out of descriptors */
 } xd_listener;
@@ -71,6 +72,12 @@ typedef struct xd_hook_list {
     int n, cap;
 } xd_hook_list;
 
+#define XD_MAX_COUNTERS 32
+typedef struct xd_counter {
+    const char *name;
+    unsigned long long value;
+} xd_counter;
+
 struct xd_module {
     const xd_module_desc *desc;
     void *dl;
@@ -78,6 +85,8 @@ struct xd_module {
     config_setting_t *group;    /* its settings group, or NULL */
     int list_line;              /* line of its entry in `modules` */
     void *data;
+    xd_counter counters[XD_MAX_COUNTERS]; /* xd_count() */
+    int ncounters;
 };
 
 typedef struct xd_server {
@@ -112,10 +121,17 @@ int xd_config_entry_line(const xd_config *c, const config_setting_t *e);
 /* log.c */
 void xd_log_setup(int level, int use_syslog);
 
+/* services.c */
+int xd_iq_pending_reply(const xd_event *ev); /* 1: it answered an xd_iq_send() */
+int xd_adhoc_dispatch(xd_event *ev);         /* XEP-0050 IQs to a served domain */
+void xd_stats_log(void);
+void xd_services_forget(xd_module *m);
+void xd_services_free(void);
+
 /* module.c */
 int xd_modules_load(void);
 void xd_modules_unload(void);
-int xd_hooks_run(xd_hook_id id, xd_event *ev);
+int xd_hooks_run_after(xd_hook_id id, const xd_module *m, xd_event *ev);
 int xd_iq_dispatch(xd_iq_scope scope, xd_event *ev);
 int xd_element_dispatch(xd_session *s, xmpp_stanza_t *el);
 void xd_features_fill(xd_session *s, xmpp_stanza_t *features);

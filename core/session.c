@@ -285,6 +285,7 @@ read_cb(struct ev_loop *loop, ev_io *w, int revents)
             return;
         }
         s->in_len = (size_t)n;
+        s->bytes_in += (uint64_t)n;
         s->in_pending = 1;
         xd_stream_input(s);
     }
@@ -385,13 +386,11 @@ strip_stream_ns(xmpp_stanza_t *st)
         xmpp_stanza_del_attribute(st, "xmlns");
 }
 
+static int write_stanza(xd_session *s, xmpp_stanza_t *st);
+
 int
 xd_session_send(xd_session *s, xmpp_stanza_t *st)
 {
-    char *buf = NULL;
-    size_t len = 0;
-    int r = -1;
-
     if (!st)
         return -1;
     if (s->initiator && !s->authenticated && is_routable(st)) {
@@ -402,12 +401,41 @@ xd_session_send(xd_session *s, xmpp_stanza_t *st)
     }
     if (s->type == XD_STREAM_C2S && s->bound && !s->dead && !s->closing && is_routable(st)) {
         xd_event ev = {.session = s, .stanza = st, .from = &s->jid};
-        xd_hooks_run(XD_HOOK_STANZA_OUT, &ev);
-        if (s->detached) {
-            xmpp_stanza_release(st); /* kept by whoever queues for resumption */
+        /* HANDLED: a module holds it (CSI) and sends it later with
+         * xd_session_send_held(); DROP: discarded. */
+        if (xd_hooks_run(XD_HOOK_STANZA_OUT, &ev) != XD_PASS || s->detached) {
+            xmpp_stanza_release(st); /* kept by whoever holds or queues it */
             return 0;
         }
     }
+    return write_stanza(s, st);
+}
+
+int
+xd_session_send_held(xd_session *s, xd_module *m, xmpp_stanza_t *st)
+{
+    if (!st)
+        return -1;
+    if (s->type != XD_STREAM_C2S || !s->bound || s->dead || s->closing) {
+        xmpp_stanza_release(st);
+        return -1;
+    }
+    xd_event ev = {.session = s, .stanza = st, .from = &s->jid};
+    if (xd_hooks_run_after(XD_HOOK_STANZA_OUT, m, &ev) != XD_PASS || s->detached) {
+        xmpp_stanza_release(st);
+        return 0;
+    }
+    return write_stanza(s, st);
+}
+
+/* Serialize and queue; takes st. */
+static int
+write_stanza(xd_session *s, xmpp_stanza_t *st)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    int r = -1;
+
     if (!s->dead && !s->closing) {
         strip_stream_ns(st);
         if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK) {
@@ -789,6 +817,18 @@ xd_session_pause(xd_session *s, unsigned ms)
 }
 
 /* ---- server-to-server ------------------------------------------------------------ */
+
+uint64_t
+xd_session_bytes_in(const xd_session *s)
+{
+    return s->bytes_in;
+}
+
+const char *
+xd_session_listener(const xd_session *s)
+{
+    return s->listener ? s->listener->name : "";
+}
 
 int
 xd_session_is_initiator(const xd_session *s)

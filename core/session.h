@@ -51,6 +51,7 @@ struct xd_session {
         detached : 1; /* bound, connection lost, awaiting resumption (XEP-0198) */
     double resume_timeout; /* > 0: a lost connection detaches instead of ending */
     unsigned stanzas_in;   /* routable stanzas received while bound (c2s) */
+    uint64_t bytes_in;     /* bytes read (decrypted) */
     int restart;
     int priority;
     char host[XD_JID_PART_MAX + 1];

@@ -173,6 +173,18 @@ prep_user(sasl_state *st, const char *authcid)
     return xd_jid_prep_local(st->user, sizeof(st->user), authcid);
 }
 
+/* Modules (rate limits) may refuse an attempt on account j before any
+ * password work is done.  1 refused (and answered). */
+static int
+attempt_refused(xd_session *s, c2s_conf *c, sasl_state *st, const xd_jid *j)
+{
+    xd_event ev = {.session = s, .from = j, .addr = xd_session_addr(s)};
+    if (xd_hooks_run(XD_HOOK_AUTH_ATTEMPT, &ev) != XD_DROP)
+        return 0;
+    sasl_fail(s, c, st, "temporary-auth-failure");
+    return 1;
+}
+
 static void
 plain_auth(xd_session *s, c2s_conf *c, sasl_state *st, const unsigned char *msg, size_t len)
 {
@@ -208,6 +220,8 @@ plain_auth(xd_session *s, c2s_conf *c, sasl_state *st, const unsigned char *msg,
     memset(&j, 0, sizeof(j));
     snprintf(j.local, sizeof(j.local), "%s", st->user);
     snprintf(j.domain, sizeof(j.domain), "%s", xd_session_host(s));
+    if (attempt_refused(s, c, st, &j))
+        return;
     /* pw runs to the end of the message, which sasl_payload NUL-terminated */
     ok = xd_account_check_password(&j, pw);
     if (ok == 1)
@@ -252,6 +266,8 @@ scram_first(xd_session *s, c2s_conf *c, sasl_state *st, const unsigned char *msg
     memset(&j, 0, sizeof(j));
     snprintf(j.local, sizeof(j.local), "%s", st->user);
     snprintf(j.domain, sizeof(j.domain), "%s", xd_session_host(s));
+    if (attempt_refused(s, c, st, &j))
+        return;
     r = xd_account_credentials(&j, st->hash, &cr);
     if (r < 0) {
         sasl_fail(s, c, st, "temporary-auth-failure");

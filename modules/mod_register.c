@@ -254,6 +254,14 @@ do_register(reg_conf *c, xd_session *s, xmpp_stanza_t *iq, xmpp_stanza_t *q)
     memset(&j, 0, sizeof(j));
     snprintf(j.local, sizeof(j.local), "%s", user);
     snprintf(j.domain, sizeof(j.domain), "%s", xd_session_host(s));
+    {
+        /* Other limits (mod_ratelimit's per-address buckets) have their say. */
+        xd_event ev = {.session = s, .from = &j, .addr = xd_session_addr(s)};
+        if (xd_hooks_run(XD_HOOK_REGISTER_ATTEMPT, &ev) == XD_DROP) {
+            send_error(s, iq, "wait", "resource-constraint", "too many registrations; try later");
+            goto out;
+        }
+    }
     r = xd_account_create(&j, pw);
     if (r == -2) {
         send_error(s, iq, "cancel", "conflict", "this username is taken");

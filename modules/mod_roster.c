@@ -237,6 +237,15 @@ item_key(char *key, const char *owner, const char *peer)
     return a + 1 + b;
 }
 
+/* Stored flags as the public XD_ROSTER_* relation. */
+static int
+relation_of(unsigned f)
+{
+    return ((f & F_INROSTER) ? XD_ROSTER_ITEM : 0) | ((f & F_FROM) ? XD_ROSTER_FROM : 0) |
+           ((f & F_TO) ? XD_ROSTER_TO : 0) | ((f & F_ASK) ? XD_ROSTER_PENDING_OUT : 0) |
+           ((f & F_PENDIN) ? XD_ROSTER_PENDING_IN : 0);
+}
+
 /* 0 found, XD_NOTFOUND (it is empty), -1 error or unreadable. */
 static int
 item_load(roster_mod *rm, xd_txn *txn, const char *owner, const char *peer, ritem *it)
@@ -437,6 +446,18 @@ prune_tombstones(change *c, unsigned long long *floor)
     }
 }
 
+/* XD_HOOK_ROSTER_CHANGED, after the commit: spam control and PEP follow
+ * who the user knows. */
+static void
+tell_modules(const change *c)
+{
+    xd_jid user, contact;
+    if (xd_jid_parse(&user, c->owner) != 0 || xd_jid_parse(&contact, c->peer) != 0)
+        return;
+    xd_event ev = {.from = &user, .to = &contact, .flags = (unsigned)relation_of(c->it.flags)};
+    xd_hooks_run(XD_HOOK_ROSTER_CHANGED, &ev);
+}
+
 /* Write the change, bump the version if the client sees a difference, and
  * commit.  The transaction is over whatever the result. */
 static int
@@ -514,6 +535,8 @@ ch_commit(change *c)
     c->ver = cur;
     if (r != CH_OK)
         xd_error("roster: commit failed for %s -> %s", c->owner, c->peer);
+    else if (relation_of(c->old.flags) != relation_of(c->it.flags))
+        tell_modules(c);
     return r;
 out:
     xd_txn_abort(c->txn);
@@ -1394,6 +1417,27 @@ setting(xd_module *m, const char *name, long long def, long long lo, long long h
     return 0;
 }
 
+/* xd_roster_relation() for the other modules. */
+static int
+roster_relation(const xd_jid *user, const xd_jid *contact, void *data)
+{
+    roster_mod *rm = data;
+    char owner[XD_JID_STR_MAX], peer[XD_JID_STR_MAX];
+    ritem it;
+    int r;
+
+    if (bare_str(user, owner, sizeof(owner)) != 0 || bare_str(contact, peer, sizeof(peer)) != 0)
+        return -1;
+    r = item_load(rm, NULL, owner, peer, &it);
+    if (r == XD_NOTFOUND)
+        return 0;
+    if (r != 0)
+        return -1;
+    r = relation_of(it.flags);
+    ritem_clear(&it);
+    return r;
+}
+
 static int
 roster_load(xd_module *m)
 {
@@ -1429,6 +1473,7 @@ roster_load(xd_module *m)
     r |= xd_hook(m, XD_HOOK_PRESENCE_OUT, roster_presence_out, rm, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_SESSION_END, roster_session_end, rm, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_ACCOUNT_REMOVED, roster_account_removed, rm, XD_PRIO_DEFAULT);
+    r |= xd_roster_provide(m, roster_relation, rm);
     return r ? -1 : 0;
 }
 

@@ -75,7 +75,20 @@ typedef enum xd_hook_id {
     XD_HOOK_ACCOUNT_REMOVED, /* an account is being deleted (from = its bare JID); its records
                                 keyed "bare JID\0..." in every table are purged right after */
     XD_HOOK_STANZA_OUT,     /* a routable stanza (message/presence/iq) is being sent to a bound
-                               client session (also while it is detached): session, stanza */
+                               client session (also while it is detached): session, stanza.
+                               HANDLED holds it (see xd_session_send_held), DROP discards it */
+    XD_HOOK_AUTH_ATTEMPT,   /* a client starts a SASL attempt (run by mod_c2s): session, from =
+                               the claimed account's bare JID when known. DROP refuses it
+                               (<temporary-auth-failure/>) */
+    XD_HOOK_REGISTER_ATTEMPT, /* in-band registration is about to create an account (run by
+                               mod_register): session, from = the new bare JID. DROP refuses */
+    XD_HOOK_ROSTER_CHANGED, /* a roster item changed (run by the roster module after its commit):
+                               from = the user's bare JID, to = the contact's bare JID,
+                               flags = the new XD_ROSTER_* relation (0: item removed) */
+    XD_HOOK_HOST_STANZA,    /* a message or presence addressed to a served domain itself (no
+                               localpart), e.g. pubsub notifications for the server: stanza,
+                               from, to. Unhandled messages bounce service-unavailable */
+    XD_HOOK_RELOAD,         /* SIGHUP: re-read the files a module loaded (lists, patterns) */
     XD_HOOK_COUNT
 } xd_hook_id;
 
@@ -94,6 +107,9 @@ typedef int (*xd_hook_fn)(xd_event *ev, void *data);
 
 /* Register fn on a hook. 0 ok, -1 on error.  Undone when the module unloads. */
 int xd_hook(xd_module *m, xd_hook_id hook, xd_hook_fn fn, void *data, int priority);
+/* Run a hook's chain (modules run the hooks they own: AUTH_ATTEMPT, ...).
+ * Returns the first answer that is not XD_PASS, or XD_PASS. */
+int xd_hooks_run(xd_hook_id hook, xd_event *ev);
 
 /*
  * IQ handlers, keyed by the IQ type ("get" or "set") and the namespace of
@@ -122,6 +138,25 @@ int xd_stream_features_add(xd_module *m, xd_stream_type type, xd_features_fn fn,
 typedef int (*xd_element_fn)(xd_session *s, xmpp_stanza_t *el, void *data);
 int xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns,
                                xd_element_fn fn, void *data);
+
+/*
+ * IQs the server itself sends (from a served domain) and whose answer it
+ * wants: st gets an id if it has none, is routed (taken), and fn runs once
+ * with the result or error that comes back from the addressee (borrowed), or
+ * with NULL after `timeout` seconds (default 30 when <= 0).  Pending ones are
+ * forgotten, without a call, when the module unloads.  0 ok, -1 (st freed).
+ */
+typedef void (*xd_iq_reply_fn)(xmpp_stanza_t *reply, void *data);
+int xd_iq_send(xd_module *m, xmpp_stanza_t *iq, double timeout, xd_iq_reply_fn fn, void *data);
+
+/*
+ * XEP-0050 ad-hoc commands offered by the server (to = a served domain):
+ * listed in disco#items of node "http://jabber.org/protocol/commands" and
+ * run by <iq type='set'><command node='...'/></iq>.  fn answers the IQ
+ * (ev->from is the requester; check who may run it) and returns XD_HANDLED.
+ */
+#define XD_NS_COMMANDS "http://jabber.org/protocol/commands"
+int xd_adhoc_register(xd_module *m, const char *node, const char *name, xd_iq_fn fn, void *data);
 
 /* XEP-0030 features and identities the server advertises. */
 int xd_disco_add_feature(xd_module *m, const char *ns);
@@ -229,8 +264,21 @@ xd_session *xd_s2s_connect(xd_module *m, const char *local_host, const char *rem
 void *xd_session_get_data(const xd_session *s, const xd_module *m);
 void xd_session_set_data(xd_session *s, xd_module *m, void *data, void (*free_fn)(void *));
 
-/* Delay processing of this session's input for ms milliseconds (failed logins). */
+/* Delay processing of this session's input for ms milliseconds (failed
+ * logins, rate limits): the socket is not read, so TCP pushes back. */
 void xd_session_pause(xd_session *s, unsigned ms);
+/* Bytes read from the peer so far (before TLS decryption is not counted:
+ * this is the XML the stream carried). */
+uint64_t xd_session_bytes_in(const xd_session *s);
+/* The listener a connection came in on, as "address:port" from the config,
+ * or "" for a stream we opened. */
+const char *xd_session_listener(const xd_session *s);
+/*
+ * Send a stanza that this module's XD_HOOK_STANZA_OUT handler held earlier
+ * (it answered XD_HANDLED and kept a copy): the STANZA_OUT handlers ranked
+ * after m's run, then it is written.  Takes st.  0 ok, -1 (session gone).
+ */
+int xd_session_send_held(xd_session *s, xd_module *m, xmpp_stanza_t *st);
 
 /* Call fn for every bound session of a local bare JID; stop when fn returns non-zero. */
 typedef int (*xd_session_iter_fn)(xd_session *s, void *data);
@@ -259,6 +307,26 @@ xmpp_stanza_t *xd_error_reply(xmpp_stanza_t *st, const char *type, const char *c
                               const char *text);
 /* Create an empty element <name xmlns='ns'/>. */
 xmpp_stanza_t *xd_stanza_new(const char *name, const char *ns);
+
+/* ---- rosters -------------------------------------------------------------- */
+
+/* How a contact stands in a user's roster (RFC 6121 subscription states). */
+enum {
+    XD_ROSTER_ITEM = 1,        /* the contact is in the roster */
+    XD_ROSTER_FROM = 2,        /* the contact receives the user's presence */
+    XD_ROSTER_TO = 4,          /* the user receives the contact's presence */
+    XD_ROSTER_PENDING_OUT = 8, /* the user asked to subscribe, no answer yet */
+    XD_ROSTER_PENDING_IN = 16  /* the contact asked to subscribe, no answer yet */
+};
+/*
+ * The roster module answers queries for the others (PEP access models, MAM
+ * preferences, spam control).  One provider; it returns XD_ROSTER_* flags,
+ * 0 for a contact not in the roster, -1 on error.
+ */
+typedef int (*xd_roster_fn)(const xd_jid *user, const xd_jid *contact, void *data);
+int xd_roster_provide(xd_module *m, xd_roster_fn fn, void *data);
+/* user and contact are bare JIDs. -1 when no roster module is loaded. */
+int xd_roster_relation(const xd_jid *user, const xd_jid *contact);
 
 /* ---- accounts ------------------------------------------------------------ */
 
@@ -303,6 +371,13 @@ const char *xd_config_list_item(const xd_module *m, const char *name, int i);
 /* Report a bad value: logged with the module's name and the setting's file:line. */
 void xd_config_error(const xd_module *m, const char *name, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/*
+ * Counters an operator reads in the log: each named counter of a module is
+ * written as "stats: <module>.<name>=<n>" on SIGUSR1 and at shutdown.
+ * Names are static strings (the pointer is kept).
+ */
+void xd_count(xd_module *m, const char *name, unsigned long n);
 
 const char *xd_module_name(const xd_module *m);
 void *xd_module_get_data(const xd_module *m);

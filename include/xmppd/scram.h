@@ -66,6 +66,9 @@ char *xd_base64_encode(const unsigned char *in, size_t len);
 /* Returns NULL on invalid input; *out_len set.  "=" alone decodes to empty. */
 unsigned char *xd_base64_decode(const char *in, size_t len, size_t *out_len);
 
+/* SHA-256 of data (spam lists key JIDs by their hash). */
+void xd_sha256(const void *data, size_t len, unsigned char out[32]);
+
 #ifdef __cplusplus
 }
 #endif
