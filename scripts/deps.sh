@@ -5,7 +5,7 @@ set -eu
 
 PKGS="meson ninja-build pkg-config gcc libc6-dev
 libev-dev libgnutls28-dev libexpat1-dev libstrophe-dev libdb5.3-dev libconfig-dev
-libidn2-dev libunistring-dev libcmocka-dev libc-ares-dev libpcre2-dev libcurl4-gnutls-dev
+libidn2-dev libunistring-dev libcmocka-dev libc-ares-dev libpcre2-dev libcurl4-gnutls-dev db5.3-util
 gnutls-bin python3 python3-slixmpp python3-pytest
 dnsmasq-base prosody ejabberd util-linux
 python3-omemo python3-twomemo python3-oldmemo python3-xmlschema"
