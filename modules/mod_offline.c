@@ -18,7 +18,7 @@
  *   offline       "user@domain\0" + 8-byte big-endian sequence
  *                   -> version byte, 8-byte big-endian arrival time (Unix
  *                      seconds), the stanza's XML text
- *   offline_meta  "user@domain" -> version byte, next sequence (8 bytes),
+ *   offline_meta  "user@domain\0" -> version byte, next sequence (8 bytes),
  *                   record count (4 bytes), record bytes (8 bytes)
  * The sequence only ever grows (the meta record is kept when the count drops
  * to zero), so key order is arrival order and a session can remember how far
@@ -122,7 +122,7 @@ meta_load(offline *o, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
 {
     void *val = NULL;
     size_t vlen = 0;
-    int r = xd_db_get(o->meta, txn, prefix, plen - 1, &val, &vlen);
+    int r = xd_db_get(o->meta, txn, prefix, plen, &val, &vlen);
 
     memset(mt, 0, sizeof(*mt));
     if (r < 0)
@@ -154,7 +154,9 @@ meta_save(offline *o, xd_txn *txn, const char *prefix, size_t plen, const meta *
     xd_db_put_be(p + 1, mt->next_seq, 8);
     xd_db_put_be(p + 9, mt->count, 4);
     xd_db_put_be(p + 13, mt->bytes, 8);
-    return xd_db_put(o->meta, txn, prefix, plen - 1, p, sizeof(p));
+    /* Keyed with the NUL, like every per-user record: deleting the account
+     * purges it with the messages. */
+    return xd_db_put(o->meta, txn, prefix, plen, p, sizeof(p));
 }
 
 /* ---- storing (XEP-0160 3) ---------------------------------------------------------------- */
@@ -340,8 +342,17 @@ add_delay(xmpp_stanza_t *st, const char *domain, long long when)
     char stamp[32];
     time_t t = (time_t)when;
     struct tm tm;
-    xmpp_stanza_t *d = xd_stanza_new("delay", NS_DELAY);
+    xmpp_stanza_t *d;
 
+    /* A message held earlier here (mod_strangers) already carries our
+     * stamp, and that one is the true arrival time. */
+    for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); c; c = xmpp_stanza_get_next(c)) {
+        const char *ns = xmpp_stanza_is_tag(c) ? xmpp_stanza_get_ns(c) : NULL;
+        const char *from = xmpp_stanza_get_attribute(c, "from");
+        if (ns && !strcmp(ns, NS_DELAY) && from && !strcmp(from, domain))
+            return;
+    }
+    d = xd_stanza_new("delay", NS_DELAY);
     if (!gmtime_r(&t, &tm) || !strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%SZ", &tm))
         snprintf(stamp, sizeof(stamp), "1970-01-01T00:00:00Z");
     xmpp_stanza_set_attribute(d, "from", domain);
