@@ -9,12 +9,7 @@ scripts/deps.sh
 ninja -C build
 dev=$PWD/build/dev
 scripts/dev-cert.sh "$dev"
-# The sample config, pointed at the build tree.
-sed -e "s|^data_dir *=.*|data_dir = \"$dev/data\";|" \
-    -e "s|^# module_dir *=.*|module_dir = \"$PWD/build/modules\";|" \
-    -e "s|cert = \"[^\"]*\"|cert = \"$dev/localhost.crt\"|" \
-    -e "s|key = \"[^\"]*\"|key = \"$dev/localhost.key\"|" \
-    config/xmppd.cfg >"$dev/xmppd.cfg"
+scripts/dev-config.sh "$dev"   # the sample config, pointed at the build tree
 build/xmppd --check-config "$dev/xmppd.cfg"
 echo "run-dev: add an account with: build/xmppctl --config $dev/xmppd.cfg adduser you@localhost"
 exec build/xmppd --config "$dev/xmppd.cfg"

@@ -476,9 +476,14 @@ external_auth(xd_session *s, xmpp_stanza_t *el)
         xd_session_close(s, "not-authorized", NULL);
         return;
     }
-    send_sasl(s, "success", NULL, NULL);
-    if (xd_session_set_peer_authenticated(s, from) != 0)
+    /* Modules (blocklists) decide before <success/>: after it the peer
+     * restarts its stream and would not read our error as one. */
+    if (xd_session_set_peer_authenticated(s, from) != 0) {
+        send_sasl(s, "failure", "not-authorized", NULL);
         xd_session_close(s, "policy-violation", "refused by policy");
+        return;
+    }
+    send_sasl(s, "success", NULL, NULL);
 }
 
 /* This address did not work out: close it; the stream-closed hook tries the
