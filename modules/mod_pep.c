@@ -22,14 +22,28 @@
  *                    verification string matches, otherwise it serves only
  *                    the full JID that gave it (no cache poisoning)
  *
- * Access models (XEP-0060 4.5): open = anyone; presence, roster and
- * whitelist = the owner only.  The presence subscriptions live in mod_roster,
- * whose data the module API does not expose, so a node that asks for them is
- * served to nobody but its owner (never to someone who should not see it).
- * The errors are still the model's own (6.5.9: <presence-subscription-
- * required/>, <not-in-roster-group/>, <closed-node/>).  The default access
- * model is presence (XEP-0163 3), so nodes are private unless the publisher
- * asks for open, as OMEMO clients do.
+ * Access models (XEP-0060 4.5), enforced on item retrieval (6.5) and on
+ * every notification, last published items included:
+ *   open       anyone;
+ *   presence   the owner and contacts with a subscription "from" or "both"
+ *              (they receive the owner's presence; xd_roster_relation FROM);
+ *   roster     the owner and contacts that are roster items.  The roster
+ *              provider tells only subscription flags, not groups, so
+ *              pubsub#roster_groups_allowed is accepted empty (no group
+ *              restriction: any roster item) and refused with groups in it
+ *              (not-acceptable / precondition-not-met): access meant for one
+ *              group must not silently widen to the whole roster;
+ *   whitelist  the owner only (the only publisher and, with no affiliations
+ *              to manage, the only whitelisted entity).
+ * Without a roster module (xd_roster_relation() < 0) presence and roster
+ * nodes serve the owner only: never someone who should not see them.
+ * Refusals (6.5.9.x): <not-authorized/> with <presence-subscription-
+ * required/> or <not-in-roster-group/>, <not-allowed/> with <closed-node/>.
+ * A contact who gains access (XD_HOOK_ROSTER_CHANGED: a subscription
+ * approved, an item added) and whose caps ask for +notify gets the last item
+ * of each presence/roster node it can now see (XEP-0060 6.1.7 on_sub).  The
+ * default access model is presence (XEP-0163 3), so nodes are private unless
+ * the publisher asks for open, as OMEMO clients do.
  *
  * Storage (Berkeley DB, each change one transaction):
  *   pep_nodes  "owner\0node" -> "a=<access> m=<max_items, -1 = max> p=<persist>
@@ -40,9 +54,9 @@
  * account's deletion purges it all.
  *
  * Not implemented: subscriptions to PEP nodes other than by caps (XEP-0060
- * 6.1 subscribe answers <feature-not-implemented/>), affiliations, the
- * whitelist itself, collection nodes, the identity pubsub/pep in the
- * account's disco#info (the core has no account-identity call).
+ * 6.1 subscribe answers <feature-not-implemented/>), affiliations (so the
+ * whitelist holds the owner alone), roster groups (see above), collection
+ * nodes.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,6 +120,7 @@ typedef struct watcher {
     size_t nnotify;
     char qid[40];  /* disco#info in flight, "" if none */
     double qtime;
+    unsigned models; /* access models it could see when last served (MODEL bits) */
 } watcher;
 
 typedef struct caps_ent {
@@ -328,6 +343,25 @@ effective_max(const pep_mod *p, const node_conf *c)
                                                                   : c->max_items;
 }
 
+/* Does a list-multi field carry a non-empty <value/>? */
+static int
+has_group_value(xmpp_stanza_t *field)
+{
+    for (xmpp_stanza_t *c = xmpp_stanza_get_children(field); c; c = xmpp_stanza_get_next(c)) {
+        char *t;
+        int nonempty;
+        if (!xmpp_stanza_is_tag(c) || strcmp(xmpp_stanza_get_name(c), "value"))
+            continue;
+        t = xmpp_stanza_get_text(c);
+        nonempty = t && t[strspn(t, " \t\r\n")];
+        if (t)
+            xmpp_free(xd_ctx(), t);
+        if (nonempty)
+            return 1;
+    }
+    return 0;
+}
+
 /*
  * Read a submitted data form (XEP-0004) into f: only the fields we support;
  * any other var (but FORM_TYPE) or a bad value makes it invalid (-1, f->bad
@@ -376,6 +410,10 @@ form_read(pep_mod *p, xmpp_stanza_t *x, const char *form_type, form_in *f)
             bad = (i = name_index(v, sendlast_names, 3)) < 0;
             f->c.send_last = i;
             f->has |= F_SENDLAST;
+        } else if (!strcmp(var, "pubsub#roster_groups_allowed")) {
+            /* Empty is what we do (any roster item); groups we cannot check
+             * (see the header), so a group list is not accepted. */
+            bad = has_group_value(fl);
         } else {
             bad = 1;
         }
@@ -465,6 +503,11 @@ conf_form(const node_conf *c)
         x, xfield("pubsub#notify_retract", "boolean", c->notify_retract ? "1" : "0"), 0);
     f = xfield("pubsub#send_last_published_item", "list-single", sendlast_names[c->send_last]);
     add_options(f, sendlast_names, 3);
+    xmpp_stanza_add_child_ex(x, f, 0);
+    /* no groups: the roster model admits any roster item (see the header) */
+    f = xd_stanza_new("field", NULL);
+    xmpp_stanza_set_attribute(f, "var", "pubsub#roster_groups_allowed");
+    xmpp_stanza_set_attribute(f, "type", "list-multi");
     xmpp_stanza_add_child_ex(x, f, 0);
     return x;
 }
@@ -614,6 +657,37 @@ item_el(const char *id, const char *xml)
     return it;
 }
 
+/* ---- access models (XEP-0060 4.5) ------------------------------------------------- */
+
+#define MODEL(a) (1u << (a))
+#define MODELS_ALL                                                                                 \
+    (MODEL(ACC_OPEN) | MODEL(ACC_PRESENCE) | MODEL(ACC_ROSTER) | MODEL(ACC_WHITELIST))
+
+/* The models a contact with this roster relation may read (bits of ACC_*);
+ * rel < 0 (no roster module, storage error) grants open nodes only. */
+static unsigned
+models_for_rel(int rel)
+{
+    unsigned m = MODEL(ACC_OPEN);
+    if (rel > 0 && (rel & XD_ROSTER_FROM))
+        m |= MODEL(ACC_PRESENCE); /* subscription from/both: gets the owner's presence */
+    if (rel > 0 && (rel & XD_ROSTER_ITEM))
+        m |= MODEL(ACC_ROSTER);
+    return m;
+}
+
+/* The models whose nodes of owner the bare JID who may read. */
+static unsigned
+models_for(const char *owner, const char *who)
+{
+    xd_jid oj, wj;
+    if (!strcmp(owner, who))
+        return MODELS_ALL;
+    if (xd_jid_parse(&oj, owner) != 0 || xd_jid_parse(&wj, who) != 0)
+        return MODEL(ACC_OPEN);
+    return models_for_rel(xd_roster_relation(&oj, &wj));
+}
+
 /* ---- notifications (XEP-0163 4) ------------------------------------------------------ */
 
 static int
@@ -737,8 +811,6 @@ notify_all(pep_mod *p, const char *owner, const char *node, const node_conf *c,
 
     if (xd_jid_parse(&oj, owner) == 0)
         xd_user_sessions(&oj, notify_own_resource, &o);
-    if (c->access != ACC_OPEN)
-        return; /* presence/roster/whitelist: the owner only (see the header) */
     for (size_t i = 0; i < p->nw; i++) {
         watcher *w = p->w[i];
         xd_jid fj;
@@ -748,6 +820,9 @@ notify_all(pep_mod *p, const char *owner, const char *node, const node_conf *c,
         if (xd_jid_parse(&fj, w->full) != 0 || bare_of(&fj, fb, sizeof(fb)) ||
             !strcmp(fb, owner))
             continue; /* the owner's own resources were served above */
+        /* the roster is asked at each event: a subscription may have gone */
+        if (c->access != ACC_OPEN && !(models_for(owner, fb) & MODEL(c->access)))
+            continue;
         if (recipient_ok(w->full))
             send_event(owner, w->full, child);
     }
@@ -798,23 +873,36 @@ node_names_of(pep_mod *p, xd_txn *txn, const char *owner, node_names *nn)
     return xd_db_foreach(p->nodes, txn, owner, plen, names_visit, nn) == 0 ? 0 : -1;
 }
 
-/* XEP-0163 4.3.2 / XEP-0060 6.1.7: the last item of each node w wants, to w
- * alone, when it becomes available and interested.  Bounded in bytes so a
- * user with many large nodes cannot flood one stream. */
+/*
+ * XEP-0163 4.3.2 / XEP-0060 6.1.7: the last item of each node w wants and
+ * may see, to w alone.  only == 0: it became available and interested
+ * (send_last_published_item on_sub_and_presence); otherwise it just gained
+ * access to the models in `only` through its roster (on_sub as well).
+ * Bounded in bytes so a user with many large nodes cannot flood one stream.
+ */
 static void
-send_last_items(pep_mod *p, const watcher *w, int is_owner)
+send_last_items(pep_mod *p, watcher *w, unsigned only)
 {
     node_names nn;
     size_t budget = LAST_ITEMS_BUDGET;
+    char who[XD_JID_STR_MAX];
+    xd_jid fj;
+    unsigned allowed;
 
-    if (!w->resolved || !w->nnotify || !recipient_ok(w->full) ||
+    if (xd_jid_parse(&fj, w->full) != 0 || bare_of(&fj, who, sizeof(who)) != 0)
+        return;
+    allowed = w->models = models_for(w->owner, who);
+    if (only)
+        allowed &= only;
+    if (!allowed || !w->resolved || !w->nnotify || !recipient_ok(w->full) ||
         node_names_of(p, NULL, w->owner, &nn) != 0)
         return;
     for (size_t i = 0; i < nn.n && budget > 0; i++) {
         node_conf c;
         item_list l;
         if (!watcher_wants(w, nn.v[i]) || conf_load(p, NULL, w->owner, nn.v[i], &c) != 0 ||
-            c.send_last != SL_ON_SUB_AND_PRESENCE || (!is_owner && c.access != ACC_OPEN))
+            !(allowed & MODEL(c.access)) ||
+            (only ? c.send_last == SL_NEVER : c.send_last != SL_ON_SUB_AND_PRESENCE))
             continue;
         if (items_list(p, NULL, w->owner, nn.v[i], 1, &l) != 0)
             continue;
@@ -884,15 +972,6 @@ watcher_resolve(watcher *w, char **notify, size_t n)
     w->nnotify = n;
     w->resolved = 1;
     w->qid[0] = '\0';
-}
-
-static int
-watcher_is_owner(const watcher *w)
-{
-    xd_jid j;
-    char b[XD_JID_STR_MAX];
-    return xd_jid_parse(&j, w->full) == 0 && bare_of(&j, b, sizeof(b)) == 0 &&
-           !strcmp(b, w->owner);
 }
 
 /* Ask the client what it supports (XEP-0115 6.3): disco#info of node#ver. */
@@ -992,7 +1071,7 @@ track_presence(pep_mod *p, const char *owner, const xd_jid *fromj, xmpp_stanza_t
     if ((ce = caps_lookup(p, ver))) {
         watcher_resolve(w, ce->notify, ce->nnotify);
         if (is_new)
-            send_last_items(p, w, watcher_is_owner(w));
+            send_last_items(p, w, 0);
         return;
     }
     /* Another watcher of the same full JID and ver may already be asking. */
@@ -1002,7 +1081,7 @@ track_presence(pep_mod *p, const char *owner, const xd_jid *fromj, xmpp_stanza_t
             if (o->resolved) {
                 watcher_resolve(w, o->notify, o->nnotify);
                 if (is_new)
-                    send_last_items(p, w, watcher_is_owner(w));
+                    send_last_items(p, w, 0);
                 return;
             }
             if (o->qid[0] && xd_now() - o->qtime < REQUERY_AFTER)
@@ -1327,7 +1406,7 @@ pep_route(xd_event *ev, void *data)
         watcher *o = p->w[i];
         if (!strcmp(o->full, from) && o->ver && !strcmp(o->ver, ver) && !o->resolved) {
             watcher_resolve(o, notify, n);
-            send_last_items(p, o, watcher_is_owner(o));
+            send_last_items(p, o, 0);
         }
     }
     free_strv(notify, n);
@@ -1373,6 +1452,40 @@ pep_session_end(xd_event *ev, void *data)
             watcher_remove_at(p, i);
         else
             i++;
+    return XD_PASS;
+}
+
+/*
+ * XD_HOOK_ROSTER_CHANGED (after mod_roster's commit): a contact of the user
+ * may have gained access to presence or roster nodes.  Its interested
+ * resources get the last items of what they can see now and could not
+ * before (XEP-0060 6.1.7: as on a new subscription).  Losing access needs
+ * nothing here: every event checks the roster again.
+ */
+static int
+pep_roster_changed(xd_event *ev, void *data)
+{
+    pep_mod *p = data;
+    char owner[XD_JID_STR_MAX], contact[XD_JID_STR_MAX];
+    unsigned now;
+
+    if (!ev->from || !ev->to || bare_of(ev->from, owner, sizeof(owner)) ||
+        bare_of(ev->to, contact, sizeof(contact)) || !strcmp(owner, contact))
+        return XD_PASS;
+    now = models_for_rel((int)ev->flags);
+    for (size_t i = 0; i < p->nw; i++) {
+        watcher *w = p->w[i];
+        xd_jid fj;
+        char fb[XD_JID_STR_MAX];
+        unsigned gained;
+        if (strcmp(w->owner, owner) || !w->resolved || xd_jid_parse(&fj, w->full) != 0 ||
+            bare_of(&fj, fb, sizeof(fb)) || strcmp(fb, contact))
+            continue;
+        gained = now & ~w->models & ~MODEL(ACC_OPEN); /* open never depends on it */
+        w->models = now;
+        if (gained)
+            send_last_items(p, w, gained);
+    }
     return XD_PASS;
 }
 
@@ -1595,11 +1708,16 @@ fail:
     storage_error(r);
 }
 
-/* The access check of XEP-0060 6.5.9 (see the header for presence/roster). */
+/* The access check of XEP-0060 6.5.9 (the models: see the header). */
 static int
 may_read(req *r, const node_conf *c)
 {
+    char from[XD_JID_STR_MAX];
+
     if (r->is_owner || c->access == ACC_OPEN)
+        return 1;
+    if (r->ev->from && bare_of(r->ev->from, from, sizeof(from)) == 0 &&
+        (models_for(r->owner, from) & MODEL(c->access)))
         return 1;
     if (c->access == ACC_PRESENCE)
         reply_err(r->iq, "auth", "not-authorized", "presence-subscription-required", NULL);
@@ -1980,7 +2098,8 @@ static const xd_setting pep_settings[] = {
 static const char *const pep_features[] = {
     NS_PUBSUB "#publish",       NS_PUBSUB "#publish-options", NS_PUBSUB "#auto-create",
     NS_PUBSUB "#persistent-items", NS_PUBSUB "#retrieve-items", NS_PUBSUB "#access-open",
-    NS_PUBSUB "#access-presence", NS_PUBSUB "#delete-nodes",  NS_PUBSUB "#purge-nodes",
+    NS_PUBSUB "#access-presence", NS_PUBSUB "#access-roster", NS_PUBSUB "#access-whitelist",
+    NS_PUBSUB "#delete-nodes",  NS_PUBSUB "#purge-nodes",
     NS_PUBSUB "#config-node",   NS_PUBSUB "#retract-items",   NS_PUBSUB "#create-nodes",
     NS_PUBSUB "#create-and-configure", NS_PUBSUB "#filtered-notifications",
     NS_PUBSUB "#last-published", NS_PUBSUB "#item-ids",
@@ -2031,6 +2150,7 @@ pep_load(xd_module *m)
     r |= xd_hook(m, XD_HOOK_PRESENCE_OUT, pep_presence_out, p, XD_PRIO_LOW);
     r |= xd_hook(m, XD_HOOK_SESSION_END, pep_session_end, p, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_ACCOUNT_REMOVED, pep_account_removed, p, XD_PRIO_DEFAULT);
+    r |= xd_hook(m, XD_HOOK_ROSTER_CHANGED, pep_roster_changed, p, XD_PRIO_DEFAULT);
     r |= xd_disco_add_account_identity(m, "pubsub", "pep", NULL); /* XEP-0163 6.1 */
     r |= xd_disco_add_account_feature(m, NS_PUBSUB);
     for (size_t i = 0; i < sizeof(pep_features) / sizeof(pep_features[0]); i++)

@@ -9,6 +9,7 @@ stored offline is archived too; bad requests are refused; retention drops
 the oldest; the archive survives a restart."""
 
 import re
+import socket
 import time
 from xml.etree import ElementTree as ET
 
@@ -509,10 +510,12 @@ def test_preferences(srv, make_peer):
     mallory.message(alice.chat(MALLORY[0], "mallory is not"))
     assert query(alice).bodies == ["archived", "bob is always"]
 
-    # roster is treated as always (documented)
+    # roster: mallory is not in alice's roster (in "alone" there is no roster
+    # at all), so nothing with her is kept, in either direction
     assert alice.iq("<prefs xmlns='%s' default='roster'/>" % NS_MAM).get("type") == "result"
     mallory.message(alice.chat(MALLORY[0], "roster default"))
-    assert query(alice).bodies[-1] == "roster default"
+    alice.message(mallory.chat(ALICE, "roster default reply"))
+    assert query(alice).bodies == ["archived", "bob is always"]
 
     # bad preferences change nothing
     for bad in ("<prefs xmlns='%s' default='sometimes'/>",
@@ -526,6 +529,82 @@ def test_preferences(srv, make_peer):
     assert r.get("type") == "error", ET.tostring(r)
     assert alice.iq("<prefs xmlns='%s'/>" % NS_MAM, "get").find(
         q("prefs", NS_MAM)).get("default") == "roster"
+
+
+def test_roster_preference(full_srv, make_peer):
+    """default='roster' (XEP-0313 6): a one-to-one message is archived for the
+    user only when the other party is in the user's roster, both directions."""
+    alice = make_peer(full_srv, ALICE, "a")
+    bob = make_peer(full_srv, BOB, "b")
+    mallory = make_peer(full_srv, MALLORY[0], "m")
+    r = alice.iq("<prefs xmlns='%s' default='roster'><always/><never/></prefs>" % NS_MAM)
+    assert r.get("type") == "result" and r.find(q("prefs", NS_MAM)).get("default") == "roster"
+    # a roster item, no subscription needed
+    r = alice.iq("<query xmlns='jabber:iq:roster'><item jid='%s'/></query>" % BOB)
+    assert r.get("type") == "result", ET.tostring(r)
+    alice.message(bob.chat(ALICE, "from a contact"))
+    bob.message(alice.chat(BOB, "to a contact"))
+    # a stranger, even one who asked to subscribe (pending, not a roster item)
+    mallory.send("<presence type='subscribe' to='%s'/>" % ALICE)
+    alice.next(lambda e: e.tag == q("presence", NS_CLIENT) and e.get("type") == "subscribe",
+               "mallory's subscription request")
+    alice.message(mallory.chat(ALICE, "from a stranger"))
+    mallory.message(alice.chat(MALLORY[0], "to a stranger"))
+    # between alice's own resources
+    alice2 = make_peer(full_srv, ALICE, "a2")
+    alice.message(alice2.chat(alice.full, "note to self"))
+    page = query(alice)
+    assert page.bodies == ["from a contact", "to a contact", "note to self"], page.bodies
+    # the other side's preferences are its own (default always)
+    assert query(mallory).bodies == ["from a stranger", "to a stranger"]
+    assert query(bob).bodies == ["from a contact", "to a contact"]
+    # a message delivered without an archive id carries none
+    m = mallory.chat(ALICE, "no id")
+    assert stanza_ids(alice.message(m)) == []
+    # bob removed from the roster: no longer archived; an 'always' entry wins
+    r = alice.iq("<query xmlns='jabber:iq:roster'><item jid='%s' subscription='remove'/>"
+                 "</query>" % BOB)
+    assert r.get("type") == "result", ET.tostring(r)
+    alice.message(bob.chat(ALICE, "after removal"))
+    r = alice.iq("<prefs xmlns='%s' default='roster'><always><jid>%s</jid></always></prefs>"
+                 % (NS_MAM, MALLORY[0]))
+    assert r.get("type") == "result"
+    alice.message(mallory.chat(ALICE, "always mallory"))
+    assert query(alice).bodies[3:] == ["always mallory"]
+
+
+def test_unacked_message_routed_again_is_archived_once(xmppd_factory, make_peer):
+    """XEP-0198: a session that is not resumed has its unacknowledged messages
+    routed again (into offline storage).  The archive keeps one copy, and the
+    offline copy carries the archive id the first delivery carried; a copy of
+    that id on someone else's message is still a spoof."""
+    srv = xmppd_factory(modules=("c2s", "roster", "mam", "offline", "smacks"),
+                        extra="smacks = { resume_timeout = 1; };\n", extra_users=[MALLORY])
+    alice = make_peer(srv, ALICE, "phone")
+    alice.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+    alice.next(lambda e: e.tag == "{urn:xmpp:sm:3}enabled", "<enabled/>")
+    bob = make_peer(srv, BOB, "b")
+    first = alice.message(bob.chat(ALICE, "never acknowledged"))
+    [(by, sid)] = stanza_ids(first)
+    assert by == ALICE
+    # the connection is lost (no </stream:stream>) and never resumed
+    alice.r.sock.shutdown(socket.SHUT_RDWR)
+    alice.r.sock.close()
+    time.sleep(1.8)
+    again = make_peer(srv, ALICE, "laptop")
+    m = again.next(lambda e: e.tag == q("message", NS_CLIENT) and
+                   e.findtext(q("body", NS_CLIENT)) == "never acknowledged", "offline copy")
+    assert m.find(q("delay", NS_DELAY)) is not None, ET.tostring(m)
+    assert stanza_ids(m) == [(ALICE, sid)], ET.tostring(m)
+    page = query(again)
+    assert page.bodies == ["never acknowledged"] and page.ids == [sid], page.ids
+    # mallory sends the same text with that archive id: hers is a new message
+    mallory = make_peer(srv, MALLORY[0], "m")
+    spoof = "<stanza-id xmlns='%s' by='%s' id='%s'/>" % (NS_SID, ALICE, sid)
+    m = again.message(mallory.chat(ALICE, "never acknowledged", extra=spoof))
+    ids = [s for s in stanza_ids(m) if s != (None, None)]   # the spoof is neutralised
+    assert len(ids) == 1 and ids[0][0] == ALICE and ids[0][1] != sid, ids
+    assert query(again).ids == [sid, ids[0][1]]
 
 
 def test_other_users_cannot_use_the_archive(srv, make_peer):

@@ -13,9 +13,22 @@ roster subscription).  What the server must get right for it to work:
   - carbons (XEP-0280): alice's phone sees what her laptop sent (<sent/>) and
     what bob sent to the laptop (<received/>), and decrypts both;
   - at rest: no plaintext in any file of the data dir nor in the debug log.
+
+test_omemo_stream_resumption: bob's client uses XEP-0198 (slixmpp xep_0198);
+his connection is cut mid-conversation (TCP closed under TLS: no
+</stream:stream>, no close_notify) while alice sends; he resumes and
+decrypts exactly what was sent meanwhile, once each, in order.  Cut again
+and not resumed within resume_timeout, the session ends and its unacked
+messages wait in offline storage for his next login (and are archived once).
+
+test_omemo_access_models: a stranger fetches the open device list and bundle
+and starts a real session, but not a presence-access node (XEP-0060 4.5),
+which a subscribed contact can read.
 """
 
+import asyncio
 import secrets
+import socket
 import time
 
 # python3-omemo, python3-twomemo, python3-xmlschema (Debian): a missing one is
@@ -25,6 +38,7 @@ import pytest
 from slixmpp.exceptions import IqError, IqTimeout
 
 from omemo_client import FLAVOURS, NS_PUBSUB, OmemoDevice, fingerprint, q
+from xmpp_helpers import MALLORY
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 MODULES = ("c2s", "roster", "pep", "carbons", "mam", "offline")
@@ -56,8 +70,8 @@ def token(what):
     return "omemo-%s-%s" % (what, secrets.token_hex(12))
 
 
-def device(clients, devices, srv, flavour, full, priority, label, carbons=True):
-    c = clients(srv, full)
+def device(clients, devices, srv, flavour, full, priority, label, carbons=True, password=None):
+    c = clients(srv, full, password)
     d = OmemoDevice(c, flavour=flavour, label=label)
     devices.append(d)
     c.must_login()
@@ -260,3 +274,228 @@ def test_omemo_conversation(srv, clients, devices, flavour):
     pieces = [payload[i:i + 24] for i in range(0, len(payload) - 24, 24)]
     assert any(piece in data for piece in pieces for data in disk.values()), \
         "the archived ciphertext is not in the data dir either: wrong place searched?"
+
+
+# ------------------------------------------------- stream management (XEP-0198)
+
+RESUME_TIMEOUT = 3       # seconds; short, so the expiry leg stays quick
+NS_PUBSUB_ERRORS = NS_PUBSUB + "#errors"
+NICK = "http://jabber.org/protocol/nick"
+
+
+def with_sm(client):
+    """Register slixmpp's XEP-0198 plugin (before login), with events to wait on."""
+    async def go():
+        x = client.xmpp
+        client.ev_sm_enabled = asyncio.Event()
+        client.ev_resumed = asyncio.Event()
+        client.resumed_counts = []
+
+        def resumed(_e):
+            sm = x["xep_0198"]
+            # the server's h (in <resumed/>) against what bob sent since <enable/>
+            client.resumed_counts.append((sm.last_ack, sm.seq))
+            client.ev_resumed.set()
+        x.register_plugin("xep_0198")
+        x.add_event_handler("sm_enabled", lambda _e: client.ev_sm_enabled.set())
+        x.add_event_handler("session_resumed", resumed)
+    client.lt.run(go(), 5)
+
+
+def cut(client):
+    """Lose the connection mid-stream: TCP shut down under TLS, no
+    </stream:stream>, no close_notify."""
+    def go():
+        x = client.xmpp
+        client.ev_disconnected.clear()
+        x.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        x.transport.abort()
+    client.lt.call(go)
+    client.wait_disconnected(WAIT)
+
+
+def resume(client, timeout=WAIT):
+    """Reconnect the same slixmpp client: SASL, then <resume/> (no bind)."""
+    async def go():
+        client.ev_resumed.clear()
+        await client._connect()
+        await client.ev_resumed.wait()
+    try:
+        client.lt.run(go(), timeout)
+    except TimeoutError:
+        raise AssertionError("no <resumed/>: " + client.describe()) from None
+
+
+def ack_all(client):
+    """<a h/> for everything handled, as a client does when the server asks;
+    the ping after it makes sure the server has read it."""
+    client.lt.call(lambda: client.xmpp["xep_0198"].send_ack())
+    client.ping_server()
+
+
+def omemo_ids(dev):
+    """Stanza ids of the OMEMO messages dev received, in arrival order."""
+    return [r.inner.get("id") for r in dev.received]
+
+
+def send_many(laptop, n, what):
+    out = []
+    for i in range(n):
+        text = token("%s-%d" % (what, i))
+        mid, enc, errors = laptop.send(BOB, text)
+        assert not errors, errors
+        out.append((mid, text, enc))
+    laptop.client.ping_server()   # all routed before the test goes on
+    return out
+
+
+def test_omemo_stream_resumption(xmppd_factory, clients, devices, flavour):
+    srv = xmppd_factory(modules=MODULES + ("smacks",),
+                        extra="smacks = { resume_timeout = %d; };\n" % RESUME_TIMEOUT)
+    laptop = device(clients, devices, srv, flavour, ALICE + "/laptop", 5, "laptop")
+    L = laptop.start()
+    bc = clients(srv, BOB + "/desk")
+    with_sm(bc)
+    bob = OmemoDevice(bc, flavour=flavour, label="desk")
+    devices.append(bob)
+    bc.must_login()
+    bc.lt.run(bc.ev_sm_enabled.wait(), WAIT)
+    bc.send_presence(priority=0)
+    B = bob.start()
+
+    # ---- 1. the conversation is under way
+    assert laptop.refresh(BOB) == {B}
+    hello = token("hello")
+    mid, _, errors = laptop.send(BOB, hello)
+    assert not errors, errors
+    r = bob.wait_for(lambda r: r.inner.get("id") == mid, "alice's first message", WAIT)
+    assert r.error is None and r.body == hello, r
+    r = laptop.wait_for(lambda r: r.sender == BOB + "/desk" and r.device is not None,
+                        "bob's session-completing message", WAIT)
+    assert r.error is None and r.device.device_id == B, r
+    bob.settle()
+
+    # ---- 2. cut; alice goes on writing; bob resumes and gets exactly those
+    cut(bc)
+    away = send_many(laptop, 5, "while-away")
+    resume(bc)
+    h, sent = bc.resumed_counts[-1]
+    assert h == sent, "the server counted %d of the %d stanzas bob sent" % (h, sent)
+    for mid, text, enc in away:
+        r = bob.wait_for(lambda r, mid=mid: r.inner.get("id") == mid, "message " + mid, WAIT)
+        assert r.kind == "direct" and r.error is None and r.body == text, r
+        assert r.delay is None, "came from offline storage, not the resumed session: %r" % r
+        assert fingerprint(r.encrypted) == fingerprint(enc)
+    bob.settle()
+    ids = omemo_ids(bob)
+    assert len(ids) == len(set(ids)), "duplicates after resumption: %r" % ids
+    assert ids[-len(away):] == [m for m, _, _ in away], ids   # in order, nothing after
+    # the resumed stream carries bob's replies too (same full JID, no new bind)
+    assert bc.full_jid == BOB + "/desk"
+    reply = token("bob-after-resume")
+    rmid, _, errors = bob.send(ALICE, reply)
+    assert not errors, errors
+    r = laptop.wait_for(lambda r: r.inner.get("id") == rmid, "bob's reply", WAIT)
+    assert r.error is None and r.body == reply, r
+
+    # ---- 3. cut again, not resumed in time: offline storage keeps the unacked
+    bob.settle()
+    ack_all(bc)                  # what he read is acknowledged; the rest is not
+    before = list(ids)
+    cut(bc)
+    late = send_many(laptop, 3, "never-resumed")
+    time.sleep(RESUME_TIMEOUT + 0.3)
+    wait_offline(laptop.client, BOB + "/desk", timeout=RESUME_TIMEOUT + 5)
+    bc2 = clients(srv, BOB + "/desk")
+    bob.attach(bc2)
+    bc2.must_login()
+    bc2.send_presence(priority=0)
+    for mid, text, enc in late:
+        r = bob.wait_for(lambda r, mid=mid: r.inner.get("id") == mid, "offline " + mid, WAIT)
+        assert r.kind == "direct" and r.error is None and r.body == text, r
+        assert r.delay, "not from offline storage: %r" % r
+        assert fingerprint(r.encrypted) == fingerprint(enc)
+    bob.settle()
+    ids = omemo_ids(bob)
+    assert ids[:len(before)] == before
+    assert ids[len(before):] == [m for m, _, _ in late], \
+        "after the expired session: %r (expected only the %d unacked)" % (ids[len(before):],
+                                                                          len(late))
+    # each is in bob's archive once, under the id its delivered copy carries
+    archived, _fin = bob.mam_query(with_jid=ALICE)
+    for mid, _text, enc in away + late:
+        hits = [aid for aid, _d, m in archived if m is not None and m.get("id") == mid]
+        assert len(hits) == 1, "%s archived %d times: %r" % (mid, len(hits), archived)
+        r = next(r for r in bob.received if r.inner.get("id") == mid)
+        assert r.stanza_id == (BOB, hits[0]), (r.stanza_id, hits)
+
+    for d in (laptop, bob):
+        d.settle()
+        assert not d.problems, (d.client.jid, d.problems)
+        bad = [r for r in d.received
+               if r.error is not None and not isinstance(r.error, omemo.MessageNotForUs)]
+        assert not bad, (d.client.jid, bad)
+
+
+# ------------------------------------------------- PEP access models (XEP-0060 4.5)
+
+def wait_presence(client, pred, what, timeout=WAIT):
+    async def get():
+        while True:
+            p = await client.presences.get()
+            if pred(p):
+                return p
+    try:
+        return client.lt.run(get(), timeout)
+    except TimeoutError:
+        raise AssertionError("%s: no %s within %.0f s" % (client.jid, what, timeout)) from None
+
+
+def refusal(client, owner, node):
+    """(stanza condition, pubsub#errors condition) of a refused fetch."""
+    with pytest.raises(IqError) as e:
+        stranger_items(client, owner, node)
+    err = e.value.iq.xml.find("{jabber:client}error")
+    app = [c.tag.split("}")[1] for c in err if c.tag.startswith("{%s}" % NS_PUBSUB_ERRORS)]
+    return e.value.iq["error"]["condition"], app
+
+
+def test_omemo_access_models(xmppd_factory, clients, devices, flavour):
+    srv = xmppd_factory(modules=MODULES, extra_users=[MALLORY])
+    laptop = device(clients, devices, srv, flavour, ALICE + "/laptop", 5, "laptop")
+    L = laptop.start()
+    # a node with the default access model (presence, XEP-0163 3) beside OMEMO's
+    laptop.client.iq(None, "<pubsub xmlns='%s'><publish node='%s'><item id='current'>"
+                     "<nick xmlns='%s'>Alice</nick></item></publish></pubsub>"
+                     % (NS_PUBSUB, NICK, NICK), itype="set")
+    assert node_config(laptop.client, NICK)["pubsub#access_model"] == "presence"
+
+    # mallory, a stranger: device list and bundle are hers to fetch, and the
+    # library makes a session of them; alice decrypts her message
+    mal = device(clients, devices, srv, flavour, MALLORY[0] + "/m", 0, "m", carbons=False,
+                 password=MALLORY[1])
+    M = mal.start()
+    assert mal.refresh(ALICE) == {L}
+    node, item, _ = flavour.bundle_node(L)
+    assert item in stranger_items(mal.client, ALICE, node)
+    hi = token("mallory-hi")
+    mmid, _, errors = mal.send(ALICE, hi)
+    assert not errors, errors
+    r = laptop.wait_for(lambda r: r.inner.get("id") == mmid, "mallory's message", WAIT)
+    assert r.error is None and r.body == hi and r.device.device_id == M, r
+    # ... but not the presence-access node
+    assert refusal(mal.client, ALICE, NICK) == ("not-authorized",
+                                                ["presence-subscription-required"])
+
+    # bob subscribes to alice's presence; her client approves (slixmpp's
+    # auto-authorize), so alice's roster has him with subscription 'from'
+    bob = clients(srv, BOB + "/desk").must_login()
+    bob.send_presence()
+    assert refusal(bob, ALICE, NICK)[0] == "not-authorized"
+    bob.lt.call(lambda: bob.xmpp.send_presence(pto=ALICE, ptype="subscribe"))
+    wait_presence(bob, lambda p: p["type"] == "subscribed" and str(p["from"]) == ALICE,
+                  "alice's approval")
+    items = stranger_items(bob, ALICE, NICK)
+    assert set(items) == {"current"} and items["current"].findtext("{%s}nick" % NICK) == "Alice"
+    # the stranger is still a stranger
+    assert refusal(mal.client, ALICE, NICK)[0] == "not-authorized"

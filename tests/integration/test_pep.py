@@ -1,5 +1,8 @@
 """XEP-0163 PEP (mod_pep) over raw client streams: what OMEMO clients need
-(open device list and bundles that strangers can fetch), access models,
+(open device list and bundles that strangers can fetch), access models
+(without a roster module: owner only; with mod_roster: presence = subscription
+'from', roster = roster item, for retrieval, notifications and the last items
+sent when a contact gains access),
 publish-options preconditions, max_items, retract, delete, configure,
 notifications to the owner's resources and to contacts with +notify caps
 (XEP-0115, the server's disco#info query answered by hand), persistence
@@ -543,3 +546,159 @@ def test_account_disco_has_the_pep_identity(xmppd_factory):
         assert b"account" in out and b"registered" in out
     finally:
         r.close()
+
+
+# ------------------------------------------------ access models and the roster
+
+ROSTER = "jabber:iq:roster"
+
+
+@pytest.fixture
+def rsrv(xmppd_factory):
+    """With mod_roster: presence and roster nodes follow the owner's roster."""
+    return xmppd_factory(modules=("c2s", "roster", "pep"), extra_users=[MALLORY])
+
+
+def roster_set(r, item_attrs):
+    ok(iq(r, "<query xmlns='%s'><item %s/></query>" % (ROSTER, item_attrs), "set"))
+
+
+def sync_ping(r):
+    ident = "s%d" % next(_ids)
+    r.send("<iq type='get' id='%s' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>" % ident)
+    r.expect(re.compile(rb"<iq\b[^>]*?\bid=[\"']%s[\"']" % ident.encode()))
+
+
+def subscribe(contact, owner_stream, owner):
+    """contact asks owner for her presence and she approves: owner's roster
+    gets contact with subscription 'from' (XEP-0060 4.5: presence access)."""
+    contact.send("<presence type='subscribe' to='%s'/>" % owner)
+    read_stanza(owner_stream, "presence", what="the subscription request")
+    owner_stream.send("<presence type='subscribed' to='%s'/>" % contact.full.split("/")[0])
+    sync_ping(owner_stream)   # processed (and committed) before we go on
+
+
+MODELS = {"presence": ("auth", "not-authorized", "presence-subscription-required"),
+          "roster": ("auth", "not-authorized", "not-in-roster-group"),
+          "whitelist": ("cancel", "not-allowed", "closed-node")}
+
+
+def test_access_models_follow_the_roster(rsrv, raw):
+    alice = raw(rsrv, ALICE, "a")
+    for model in MODELS:
+        ok(publish(alice, "urn:test:" + model, "<s xmlns='urn:test'>%s</s>" % model, "i",
+                   access_model=model))
+    ok(publish(alice, BUNDLE, bundle("OPEN"), "current", access_model="open"))
+    bob = raw(rsrv, BOB, "b")
+    mallory = raw(rsrv, MALLORY[0], "m")
+
+    def refused(r):
+        return {m for m in MODELS if fetch(r, ALICE, "urn:test:" + m).get("type") == "error"}
+
+    for r in (bob, mallory):
+        for model, err in MODELS.items():
+            assert error_of(fetch(r, ALICE, "urn:test:" + model)) == err, model
+        assert fetched_ids(fetch(r, ALICE, BUNDLE)) == ["current"]
+
+    # a roster item without any subscription: the roster model, not presence
+    roster_set(alice, "jid='%s' name='Bob'" % BOB)
+    assert refused(bob) == {"presence", "whitelist"}
+    # bob's subscription approved ('from' in alice's roster): presence too
+    subscribe(bob, alice, ALICE)
+    assert refused(bob) == {"whitelist"}
+    el = ok(fetch(bob, ALICE, "urn:test:presence"))
+    assert el.findtext(".//{urn:test}s") == "presence"
+    # mallory puts alice in *her* roster and asks to subscribe (alice does not
+    # answer): that is mallory's roster, not alice's; nothing opens
+    roster_set(mallory, "jid='%s'" % ALICE)
+    mallory.send("<presence type='subscribe' to='%s'/>" % ALICE)
+    read_stanza(alice, "presence", what="mallory's subscription request")
+    assert refused(mallory) == set(MODELS)
+    assert error_of(fetch(mallory, ALICE, "urn:test:presence", inner="<item id='i'/>"))[1] == \
+        "not-authorized"
+    # alice cancels bob's subscription: presence access goes, roster stays
+    alice.send("<presence type='unsubscribed' to='%s'/>" % BOB)
+    sync_ping(alice)
+    assert refused(bob) == {"presence", "whitelist"}
+    # and removed from the roster: nothing but open nodes
+    roster_set(alice, "jid='%s' subscription='remove'" % BOB)
+    assert refused(bob) == set(MODELS)
+    assert fetched_ids(fetch(bob, ALICE, BUNDLE)) == ["current"]
+
+
+def test_notifications_follow_the_roster(rsrv, raw):
+    alice = raw(rsrv, ALICE, "phone")
+    ok(publish(alice, "urn:test:presence", "<p xmlns='urn:test'>1</p>", "p1"))  # default model
+    ok(publish(alice, "urn:test:roster", "<r xmlns='urn:test'>1</r>", "r1", access_model="roster"))
+    ok(publish(alice, DEVICELIST, devicelist(7), "current", access_model="open"))
+    feats = [DISCO, DEVICELIST + "+notify", "urn:test:presence+notify", "urn:test:roster+notify"]
+    bob = raw(rsrv, BOB, "laptop", presence=False)
+    pres, ver, ident = caps_presence(feats, to=ALICE)
+    bob.send(pres)
+    answer_disco(bob, feats, ident, ver)
+    # a stranger: the open node's last item only
+    event_message(bob, DEVICELIST)
+    assert_no_event(bob, "stranger's last items")
+    ok(publish(alice, "urn:test:presence", "<p xmlns='urn:test'>2</p>", "p2"))
+    ok(publish(alice, "urn:test:roster", "<r xmlns='urn:test'>2</r>", "r2"))
+    assert_no_event(bob, "private publish to a stranger")
+
+    # in alice's roster now: the roster node's last item comes at once
+    # (XD_HOOK_ROSTER_CHANGED), the presence node's does not
+    roster_set(alice, "jid='%s'" % BOB)
+    msg = event_message(bob, "urn:test:roster")
+    assert msg.find(".//{%s}item" % EVENT).get("id") == "r2"
+    assert_no_event(bob, "roster item only")
+    # subscription approved: the presence node's last item
+    subscribe(bob, alice, ALICE)
+    msg = event_message(bob, "urn:test:presence")
+    assert msg.find(".//{%s}item" % EVENT).get("id") == "p2"
+    assert msg.get("to") == bob.full and msg.get("from") == ALICE
+    assert_no_event(bob, "no repeat of last items")
+    # and the next publications
+    ok(publish(alice, "urn:test:presence", "<p xmlns='urn:test'>3</p>", "p3"))
+    assert event_message(bob, "urn:test:presence").find(".//{%s}item" % EVENT).get("id") == "p3"
+    # the subscription cancelled: no more presence-node events
+    alice.send("<presence type='unsubscribed' to='%s'/>" % BOB)
+    sync_ping(alice)
+    ok(publish(alice, "urn:test:presence", "<p xmlns='urn:test'>4</p>", "p4"))
+    assert_no_event(bob, "after the subscription was cancelled")
+    ok(publish(alice, "urn:test:roster", "<r xmlns='urn:test'>3</r>", "r3"))
+    assert event_message(bob, "urn:test:roster").find(".//{%s}item" % EVENT).get("id") == "r3"
+    # a new resource of bob's comes online (same caps, already verified): the
+    # last items of what he may see now, the presence node not among them
+    tablet = raw(rsrv, BOB, "tablet", presence=False)
+    tablet.send(caps_presence(feats, to=ALICE)[0])
+    nodes = []
+    while "urn:test:roster" not in nodes:
+        msg = read_stanza(tablet, "message", what="last items")
+        nodes += [i.get("node") for i in msg.findall("{%s}event/{%s}items" % (EVENT, EVENT))]
+    assert sorted(nodes) == sorted([DEVICELIST, "urn:test:roster"]), nodes
+    assert_no_event(tablet, "the tablet's last items")
+
+
+def test_roster_groups_allowed(rsrv, raw):
+    """The roster provider knows no groups: an empty group list (any roster
+    item) is accepted, a list of groups is refused, never widened."""
+    alice = raw(rsrv, ALICE, "a")
+    node = "urn:test:groups"
+    groups = "<field var='pubsub#roster_groups_allowed'>%s</field>"
+    opts = "<publish-options>%s</publish-options>"
+    x = form(PUBSUB + "#publish-options", access_model="roster")
+    empty = x.replace("</x>", groups % "" + "</x>")
+    family = x.replace("</x>", groups % "<value>family</value>" + "</x>")
+    item = "<publish node='%s'><item id='g'><g xmlns='urn:test'/></item></publish>" % node
+    err = iq(alice, "<pubsub xmlns='%s'>%s%s</pubsub>" % (PUBSUB, item, opts % family), "set")
+    assert error_of(err)[1:] == ("conflict", "precondition-not-met")
+    assert error_of(fetch(alice, None, node))[1] == "item-not-found"
+    ok(iq(alice, "<pubsub xmlns='%s'>%s%s</pubsub>" % (PUBSUB, item, opts % empty), "set"))
+    conf = config_of(alice, node)
+    assert conf["pubsub#access_model"] == "roster"
+    assert "pubsub#roster_groups_allowed" in conf and conf["pubsub#roster_groups_allowed"] is None
+    cfg = form(PUBSUB + "#node_config").replace("</x>", groups % "<value>work</value>" + "</x>")
+    assert error_of(owner_op(alice, "<configure node='%s'>%s</configure>"
+                             % (node, cfg)))[1] == "not-acceptable"
+    bob = raw(rsrv, BOB, "b")
+    assert error_of(fetch(bob, ALICE, node))[2] == "not-in-roster-group"
+    roster_set(alice, "jid='%s'" % BOB)
+    assert fetched_ids(fetch(bob, ALICE, node)) == ["g"]
