@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "server.h"
+#include "xmlstream.h"
 
 /* ---- IQs sent by the server ------------------------------------------------ */
 
@@ -275,6 +276,53 @@ int
 xd_roster_relation(const xd_jid *user, const xd_jid *contact)
 {
     return roster.fn ? roster.fn(user, contact, roster.data) : -1;
+}
+
+/* ---- stored stanzas ---------------------------------------------------------------- */
+
+static const char *
+parse_open(void *ud, const char **attrs, const char *ns)
+{
+    (void)ud;
+    (void)attrs;
+    (void)ns;
+    return NULL;
+}
+
+static int
+parse_element(void *ud, xmpp_stanza_t *el)
+{
+    xmpp_stanza_t **out = ud;
+    if (*out)
+        xmpp_stanza_release(el); /* one element expected; keep the first */
+    else
+        *out = el;
+    return 0;
+}
+
+/* The stream parser, not libstrophe's, so xml:lang and prefixed attributes
+ * come back as they were received. */
+xmpp_stanza_t *
+xd_stanza_parse(const char *xml, size_t len)
+{
+    static const char head[] = "<stream:stream xmlns='jabber:client' "
+                               "xmlns:stream='http://etherx.jabber.org/streams'>";
+    static const xd_xmlstream_cb cb = {parse_open, parse_element};
+    xmpp_stanza_t *el = NULL;
+    xd_xmlstream *x;
+    size_t used;
+
+    if (!xml || !(x = xd_xmlstream_new(xd_srv.ctx, &cb, &el)))
+        return NULL;
+    xd_xmlstream_set_max(x, len + 1);
+    if (xd_xmlstream_feed(x, head, sizeof(head) - 1, &used) != XD_XS_DONE ||
+        xd_xmlstream_feed(x, xml, len, &used) != XD_XS_DONE) {
+        if (el)
+            xmpp_stanza_release(el);
+        el = NULL;
+    }
+    xd_xmlstream_free(x);
+    return el;
 }
 
 /* ---- unloading ------------------------------------------------------------------- */

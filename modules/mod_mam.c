@@ -470,7 +470,7 @@ already_archived(mam *a, xmpp_stanza_t *st, const char *prefix, size_t plen, con
     memcpy(text, v + RECORD_FIXED + wlen, vlen - RECORD_FIXED - wlen);
     text[vlen - RECORD_FIXED - wlen] = '\0';
     free(val);
-    stored = xmpp_stanza_new_from_string(xd_ctx(), text);
+    stored = xd_stanza_parse(text, strlen(text));
     free(text);
     same = stored && same_tree(st, stored, NS_CLIENT, 0, prefix, domain);
     if (stored)
@@ -1144,7 +1144,7 @@ result_message(const char *to, const char *from, const char *queryid, unsigned l
         return NULL;
     memcpy(text, v + RECORD_FIXED + wlen, tlen);
     text[tlen] = '\0';
-    inner = xmpp_stanza_new_from_string(xd_ctx(), text);
+    inner = xd_stanza_parse(text, strlen(text));
     free(text);
     if (!inner || !name_is(inner, "message")) {
         xd_error("mam: %s: archived message %016llx is unreadable; left out", from, seq);

@@ -446,7 +446,7 @@ flush_batch(flush_state *fs)
     }
     for (int i = 0; i < b->n && alive; i++) {
         pending *p = &b->items[i];
-        xmpp_stanza_t *st = p->ok ? xmpp_stanza_new_from_string(xd_ctx(), p->text) : NULL;
+        xmpp_stanza_t *st = p->ok ? xd_stanza_parse(p->text, strlen(p->text)) : NULL;
 
         if (!st || !xmpp_stanza_get_name(st) || strcmp(xmpp_stanza_get_name(st), "message") != 0) {
             /* never silently lose a message: keep it for an operator to look at */

@@ -648,7 +648,7 @@ item_el(const char *id, const char *xml)
     xmpp_stanza_t *it = xd_stanza_new("item", NULL);
     xmpp_stanza_set_id(it, id);
     if (xml && *xml) {
-        xmpp_stanza_t *pl = xmpp_stanza_new_from_string(xd_ctx(), xml);
+        xmpp_stanza_t *pl = xd_stanza_parse(xml, strlen(xml));
         if (pl)
             xmpp_stanza_add_child_ex(it, pl, 0);
         else

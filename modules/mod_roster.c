@@ -809,7 +809,7 @@ pending_load(roster_mod *rm, const char *owner, const char *peer)
 
     if (xd_db_get(rm->pending, NULL, key, klen, &val, &vlen) == 0) {
         if (strlen(val) == vlen)
-            st = xmpp_stanza_new_from_string(xd_ctx(), val);
+            st = xd_stanza_parse(val, strlen(val));
         free(val);
     }
     if (st && (!xmpp_stanza_get_name(st) || strcmp(xmpp_stanza_get_name(st), "presence") ||

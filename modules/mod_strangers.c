@@ -685,7 +685,7 @@ release(strangers *sp, const xd_jid *user, const char *sender)
             nexp++;
             continue;
         }
-        st = r->xml ? xmpp_stanza_new_from_string(xd_ctx(), r->xml) : NULL;
+        st = r->xml ? xd_stanza_parse(r->xml, strlen(r->xml)) : NULL;
         if (!st || !xmpp_stanza_get_name(st) || strcmp(xmpp_stanza_get_name(st), "message") != 0) {
             /* never silently lose a message: keep it for an operator to look at */
             xd_error("strangers: %s: held message %llu from %s is unreadable; kept", prefix, r->seq,
@@ -1358,7 +1358,7 @@ list_result(const sender_list *s)
 static size_t
 message_row(xmpp_stanza_t *x, const held_rec *r)
 {
-    xmpp_stanza_t *st = r->xml ? xmpp_stanza_new_from_string(xd_ctx(), r->xml) : NULL;
+    xmpp_stanza_t *st = r->xml ? xd_stanza_parse(r->xml, strlen(r->xml)) : NULL;
     xmpp_stanza_t *item = xd_stanza_new("item", NULL), *f, *b;
     char stamp[32], *text = NULL;
     const char *from = st ? xmpp_stanza_get_from(st) : NULL,

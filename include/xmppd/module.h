@@ -305,6 +305,11 @@ xmpp_stanza_t *xd_iq_result(xmpp_stanza_t *iq);
 /* Build a stanza error (RFC 6120 8.3) in reply to st; the caller sends it. */
 xmpp_stanza_t *xd_error_reply(xmpp_stanza_t *st, const char *type, const char *condition,
                               const char *text);
+/* Parse one element stored as text (what xmpp_stanza_to_text made of it)
+ * with the stream parser's rules, keeping xml:lang; NULL if it is not
+ * well-formed.  Use it instead of xmpp_stanza_new_from_string(), which
+ * loses xml:lang.  The caller owns the result. */
+xmpp_stanza_t *xd_stanza_parse(const char *xml, size_t len);
 /* Create an empty element <name xmlns='ns'/>. */
 xmpp_stanza_t *xd_stanza_new(const char *name, const char *ns);
 

@@ -394,3 +394,23 @@ def test_messages_not_confirmed_by_a_dead_reader_are_kept(server, clients):
     got = [next_message(bob, what="message %d" % i)["id"] for i in range(len(sent))]
     assert sorted(got) == sorted(sent)
     assert_nothing_pending(alice, bob)
+
+
+def test_stored_message_keeps_xml_lang(server, clients):
+    """xml:lang on the stanza and on each <body/> survives storage (the
+    stored text is parsed back with the stream parser, not libstrophe's,
+    which turns xml:lang into a plain 'lang')."""
+    alice = login(clients, server, ALICE, "home")
+    ident = uniq("lang")
+    xml = ("<message to='%s' id='%s' type='chat' xml:lang='de'><body>Guten Tag</body>"
+           "<body xml:lang='fr'>Bonjour</body></message>" % (BOB, ident))
+    alice.lt.call(lambda: alice.xmpp.send_raw(xml))
+    alice.ping_server()
+    bob = login(clients, server, BOB, "phone")
+    m = next_message(bob, what="the offline message")
+    assert m["id"] == ident, str(m)
+    xml_ns = "{http://www.w3.org/XML/1998/namespace}lang"
+    assert m.xml.get(xml_ns) == "de", "stanza xml:lang lost: %s" % m
+    langs = [b.get(xml_ns) for b in m.xml.findall("{%s}body" % NS_CLIENT)]
+    assert "fr" in langs, "body xml:lang lost: %s" % m
+    assert not [k for k in m.xml.attrib if k == "lang"], "xml:lang became 'lang': %s" % m
