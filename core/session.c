@@ -133,7 +133,7 @@ xd_session_new(const xd_listener *l, int fd, const struct sockaddr *sa, socklen_
     ev.session = s;
     ev.addr = (const struct sockaddr *)&s->addr;
     if (xd_hooks_run(XD_HOOK_CONNECT, &ev) == XD_DROP) {
-        xd_info("%s: connection refused by a module", s->peer);
+        xd_debug("%s: connection refused by a module", s->peer); /* the module logs, rate-limited */
         xd_session_kill(s);
         return s;
     }
