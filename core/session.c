@@ -74,6 +74,48 @@ pause_cb(struct ev_loop *loop, ev_timer *w, int revents)
         read_cb(loop, &s->rio, EV_READ);
 }
 
+/*
+ * A closing stream's last bytes are out.  Closing the socket now, with input
+ * the peer sent still unread, makes the kernel send a reset that can destroy
+ * our stream error before the peer reads it.  So shut our side and read and
+ * discard until the peer closes too, or the close timer runs out.
+ */
+static void
+linger(xd_session *s)
+{
+    if (s->lingering || s->dead)
+        return;
+    s->lingering = 1;
+    ev_io_stop(xd_srv.loop, &s->wio);
+    ev_timer_stop(xd_srv.loop, &s->pause_timer);
+    if (s->tls_up)
+        gnutls_bye(s->tls, GNUTLS_SHUT_WR); /* close_notify; non-blocking, best effort */
+    if (shutdown(s->fd, SHUT_WR) != 0) {
+        xd_session_kill(s);
+        return;
+    }
+    ev_timer_stop(xd_srv.loop, &s->timer);
+    ev_timer_set(&s->timer, 2., 0.);
+    ev_timer_start(xd_srv.loop, &s->timer);
+    ev_io_start(xd_srv.loop, &s->rio);
+}
+
+/* Reading while lingering: discard (bounded per call) until EOF or an error. */
+static void
+drain(xd_session *s)
+{
+    char buf[4096];
+    for (int i = 0; i < 16; i++) {
+        ssize_t n = recv(s->fd, buf, sizeof(buf), 0);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            return;
+        if (n <= 0) {
+            xd_session_kill(s);
+            return;
+        }
+    }
+}
+
 static void
 write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -86,7 +128,7 @@ write_cb(struct ev_loop *loop, ev_io *w, int revents)
         session_flush(s);
     /* A closing stream is done once its last bytes are out. */
     if (s->closing && !s->dead && s->out_len == 0)
-        xd_session_kill(s);
+        linger(s);
 }
 
 /* What every session needs once s->fd and s->addr are set: a parser, its
@@ -265,6 +307,10 @@ read_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)loop;
     (void)revents;
 
+    if (s->lingering) {
+        drain(s);
+        return;
+    }
     if (s->tls_handshaking) {
         xd_session_start_tls(s);
         return;
@@ -538,7 +584,7 @@ xd_session_close(xd_session *s, const char *condition, const char *text)
     ev_timer_set(&s->timer, 5., 0.);
     ev_timer_start(xd_srv.loop, &s->timer);
     if (s->out_len == 0 && !s->tls_handshaking)
-        xd_session_kill(s);
+        linger(s);
 }
 
 void

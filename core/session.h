@@ -48,7 +48,8 @@ struct xd_session {
     /* stream state */
     unsigned header_sent : 1, header_received : 1, authenticated : 1, bound : 1, closing : 1,
         dead : 1, paused : 1, available : 1, presence_seen : 1, ending : 1,
-        detached : 1; /* bound, connection lost, awaiting resumption (XEP-0198) */
+        detached : 1,  /* bound, connection lost, awaiting resumption (XEP-0198) */
+        lingering : 1; /* closed: our side shut, draining the peer's last bytes */
     double resume_timeout; /* > 0: a lost connection detaches instead of ending */
     unsigned stanzas_in;   /* routable stanzas received while bound (c2s) */
     uint64_t bytes_in;     /* bytes read (decrypted) */

@@ -256,6 +256,21 @@ def test_stanza_over_limit(small_env, raw, shape):
     assert not big, "over-limit stanza was delivered"
 
 
+def test_stream_error_survives_unread_input(small_env, raw):
+    """The client keeps writing after its stanza went over the limit: the
+    server must still get its <policy-violation/> to the client (closing with
+    the client's bytes unread would reset the connection and could destroy
+    the error before the client reads it)."""
+    srv, pair = small_env
+    for i in range(3):
+        r, _ = mallory_logged_in(raw, srv, "flood%d" % i)
+        data = "<message to='%s' type='chat'><body>%s" % (pair.bob.full_jid, "A" * 400000)
+        send_hostile(r, data)
+        r.expect_stream_error("policy-violation")
+        r.close()
+    pair.check()
+
+
 def test_deep_nesting(env, raw):
     """20000 nested elements (about 140 KB, under the 256 KB stanza limit): the
     server must neither crash (stack) nor hang; it may refuse the stanza."""
