@@ -128,6 +128,7 @@ main(int argc, char **argv)
         return 1;
     }
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGUSR1, SIG_IGN); /* stats, once the loop runs: never fatal before */
     if (setup(path) != 0) {
         teardown();
         return 1;

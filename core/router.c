@@ -396,8 +396,14 @@ is_routable_name(const char *name)
 void
 xd_route(xmpp_stanza_t *st)
 {
+    xd_route_flags(st, 0);
+}
+
+void
+xd_route_flags(xmpp_stanza_t *st, unsigned flags)
+{
     xd_jid from, to;
-    xd_event ev = {0};
+    xd_event ev = {.flags = flags};
     const char *f = xmpp_stanza_get_from(st), *t = xmpp_stanza_get_to(st);
 
     if (!is_routable_name(xmpp_stanza_get_name(st)) || !t || xd_jid_parse(&to, t) != 0) {

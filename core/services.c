@@ -135,12 +135,15 @@ xd_adhoc_register(xd_module *m, const char *node, const char *name, xd_iq_fn fn,
     for (int i = 0; i < ncommands; i++)
         if (commands[i].fn && !strcmp(commands[i].node, node))
             return -1;
-    if (ncommands == 0 || !commands[0].fn)
-        xd_disco_add_feature(m, XD_NS_COMMANDS);
-    commands[ncommands] = (adhoc_cmd){m, strdup(node), strdup(name), fn, data};
-    if (!commands[ncommands].node || !commands[ncommands].name)
+    adhoc_cmd c = {m, strdup(node), strdup(name), fn, data};
+    if (!c.node || !c.name) {
+        free(c.node);
+        free(c.name);
         return -1;
-    ncommands++;
+    }
+    if (ncommands == 0)
+        xd_disco_add_feature(m, XD_NS_COMMANDS);
+    commands[ncommands++] = c;
     return 0;
 }
 
@@ -186,7 +189,9 @@ xd_adhoc_dispatch(xd_event *ev)
         res = xd_iq_result(ev->stanza);
         query = xd_stanza_new("query", ns);
         xmpp_stanza_set_attribute(query, "node", node);
-        for (int i = 0; i < ncommands; i++) {
+        /* The commands act on the requester's own account: list them to
+         * local users only (XEP-0050 2.2: only what the requester may run). */
+        for (int i = 0; ev->from && xd_is_local_host(ev->from->domain) && i < ncommands; i++) {
             if (!commands[i].fn)
                 continue;
             xmpp_stanza_t *item = xd_stanza_new("item", NULL);

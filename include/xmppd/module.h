@@ -89,6 +89,9 @@ typedef enum xd_hook_id {
                                localpart), e.g. pubsub notifications for the server: stanza,
                                from, to. Unhandled messages bounce service-unavailable */
     XD_HOOK_RELOAD,         /* SIGHUP: re-read the files a module loaded (lists, patterns) */
+    XD_HOOK_BLOCKLIST_CHANGED, /* a user's XEP-0191 block list changed (run by mod_blocking
+                               after its commit): from = the user's bare JID, to = the JID
+                               blocked or unblocked (NULL: unblock all), flags = 1 blocked */
     XD_HOOK_COUNT
 } xd_hook_id;
 
@@ -102,6 +105,10 @@ typedef struct xd_event {
 } xd_event;
 
 #define XD_EVENT_INITIAL 1u /* XD_HOOK_PRESENCE_OUT: the session's initial presence */
+/* Routing hooks: a module routes again a stanza the server already handled
+ * once (mod_smacks: the unacknowledged stanzas of a session that was not
+ * resumed).  Archives, carbons and spam filters have seen it already. */
+#define XD_EVENT_REROUTED 2u
 
 typedef int (*xd_hook_fn)(xd_event *ev, void *data);
 
@@ -145,6 +152,8 @@ int xd_stream_element_register(xd_module *m, xd_stream_type type, const char *ns
  * with the result or error that comes back from the addressee (borrowed), or
  * with NULL after `timeout` seconds (default 30 when <= 0).  Pending ones are
  * forgotten, without a call, when the module unloads.  0 ok, -1 (st freed).
+ * fn may run before xd_iq_send() returns, when the answer is immediate (a
+ * local addressee, or a bounce because the domain cannot be reached).
  */
 typedef void (*xd_iq_reply_fn)(xmpp_stanza_t *reply, void *data);
 int xd_iq_send(xd_module *m, xmpp_stanza_t *iq, double timeout, xd_iq_reply_fn fn, void *data);
@@ -290,6 +299,8 @@ int xd_user_sessions(const xd_jid *bare, xd_session_iter_fn fn, void *data);
 xmpp_ctx_t *xd_ctx(void);
 /* Route a stanza by its 'to' (and 'from') attributes; takes ownership. */
 void xd_route(xmpp_stanza_t *st);
+/* The same with XD_EVENT_* flags for the routing hooks (XD_EVENT_REROUTED). */
+void xd_route_flags(xmpp_stanza_t *st, unsigned flags);
 /* Deliver to one session after hooks and routing decided; takes ownership. */
 void xd_deliver_to_session(xd_session *s, xmpp_stanza_t *st);
 /*
