@@ -13,4 +13,5 @@ sed -e "s|^data_dir *=.*|data_dir = \"$dev/data\";|" \
     -e "s|cert = \"[^\"]*\"|cert = \"$dev/localhost.crt\"|" \
     -e "s|key = \"[^\"]*\"|key = \"$dev/localhost.key\"|" \
     -e "s|/var/lib/xmppd/|$dev/|" \
+    -e "s|/etc/xmppd/patterns.txt|$PWD/config/patterns.txt|" \
     config/xmppd.cfg >"$dev/xmppd.cfg"
