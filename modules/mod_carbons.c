@@ -10,7 +10,9 @@
  *    8.5 delivery will not hand the original to gets a <received/> copy
  *    (XEP-0280 4).  When no resource gets the original (the user is offline,
  *    or only has negative priorities) nothing is copied: offline storage or
- *    the bounce deals with the message.
+ *    the bounce deals with the message.  Nor is a message the server routes
+ *    again (XD_EVENT_REROUTED: XEP-0198 unacknowledged messages of a
+ *    session that ended): it was copied on its first pass.
  * Copies are wrapped per XEP-0297 (Stanza Forwarding) and come from the
  * user's bare JID (XEP-0280 11: clients only trust carbons from there).
  */
@@ -273,6 +275,11 @@ carbons_deliver(xd_event *ev, void *data)
     user_set u;
 
     if (!ev->to || !eligible(ev->stanza))
+        return XD_PASS;
+    /* Routed again by the server (XEP-0198: a session that ended without
+     * acknowledging it): the other resources got their copies the first
+     * time; now it only looks for a resource or offline storage. */
+    if (ev->flags & XD_EVENT_REROUTED)
         return XD_PASS;
     if (ev->from && xd_jid_equal(ev->from, ev->to, 0) && ev->from->resource[0])
         return XD_PASS; /* the user's own message: carbons_c2s copied it as <sent/> */

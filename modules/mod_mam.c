@@ -22,17 +22,18 @@
  * the very stanza object the hook saw, so a spoofed <stanza-id by='user'/>
  * is neutralised in place instead: its 'by' and 'id' attributes are removed,
  * leaving an inert <stanza-id xmlns='urn:xmpp:sid:0'/> that claims nothing.
- * This happens for every message to a local user, archived or not.
+ * This happens for every message to a local user, archived or not (but a
+ * message the server itself routes again: see below).
  *
  * A message can reach DELIVER_LOCAL twice: XEP-0198 (mod_smacks) routes the
  * messages a session never acknowledged again when it ends, so that
- * offline storage keeps them.  Such a message carries the stanza-id we gave
- * it; when that id names an incoming record of the user's archive holding
- * this very message (compared element by element, our stanza-id and a
- * server <delay/> aside), it is neither archived again nor stripped of its
- * id: the copy offline storage delivers keeps the id the archive knows.
- * Someone else's message cannot pass for an archived one: the record's
- * 'from' is the sender's full JID as the server stamped it.
+ * offline storage keeps them, and flags that routing XD_EVENT_REROUTED.
+ * Such a message was archived (or not, as the preferences said) and given
+ * our stanza-id on its first pass: it is neither archived again nor
+ * stripped of that id, so the copy offline storage delivers keeps the id
+ * the archive knows.  Only the server routes with the flag: a message from
+ * a sender never has it, so a replayed message with a guessed archive id
+ * is neutralised and archived like any other.
  *
  * Preferences (XEP-0313 6): default always / never / roster, with always and
  * never JID lists; a JID in <never/> wins over <always/>.  A list entry
@@ -327,155 +328,6 @@ neutralise_stanza_ids(xmpp_stanza_t *st, const char *user_bare)
         if (xmpp_stanza_get_attribute(c, "id"))
             xmpp_stanza_del_attribute(c, "id");
     }
-}
-
-/* ---- a message coming around again (see the header) ----------------------------------------- */
-
-#define TREE_DEPTH_MAX 64
-
-static int
-by_user(const char *by, const char *user_bare)
-{
-    xd_jid j;
-    char bare[XD_JID_STR_MAX];
-    return by && xd_jid_parse(&j, by) == 0 && !j.resource[0] &&
-           xd_jid_format(&j, 0, bare, sizeof(bare)) >= 0 && !strcmp(bare, user_bare);
-}
-
-/* A child the server adds on the way: our <stanza-id/>, offline's <delay/>. */
-static int
-server_added(xmpp_stanza_t *c, const char *user_bare, const char *domain)
-{
-    const char *ns = xmpp_stanza_get_ns(c), *from;
-    if (!xmpp_stanza_is_tag(c) || !ns)
-        return 0;
-    if (name_is(c, "stanza-id") && !strcmp(ns, NS_SID))
-        return by_user(xmpp_stanza_get_attribute(c, "by"), user_bare);
-    if (name_is(c, "delay") && !strcmp(ns, NS_DELAY))
-        return (from = xmpp_stanza_get_attribute(c, "from")) && !strcmp(from, domain);
-    return 0;
-}
-
-static int
-same_str(const char *a, const char *b)
-{
-    return a == b || (a && b && !strcmp(a, b));
-}
-
-static xmpp_stanza_t *
-next_kept(xmpp_stanza_t *c, int top, const char *user_bare, const char *domain)
-{
-    while (c && top && server_added(c, user_bare, domain))
-        c = xmpp_stanza_get_next(c);
-    return c;
-}
-
-/* Attributes but xmlns (the namespace is compared on its own). */
-static int
-attr_count(xmpp_stanza_t *el)
-{
-    return xmpp_stanza_get_attribute_count(el) - (xmpp_stanza_get_attribute(el, "xmlns") != NULL);
-}
-
-/* The namespace an element is in: its own xmlns or its parent's (parsers
- * differ in where they repeat it; the stored copy of a top-level stanza was
- * serialized without jabber:client). */
-static const char *
-ns_of(xmpp_stanza_t *el, const char *parent_ns)
-{
-    const char *ns = xmpp_stanza_get_ns(el);
-    return ns ? ns : parent_ns;
-}
-
-/* Same element (name, namespace, attributes, children in order, texts)? */
-static int
-same_tree(xmpp_stanza_t *a, xmpp_stanza_t *b, const char *parent_ns, int depth,
-          const char *user_bare, const char *domain)
-{
-    const char **attrs, *ns;
-    int n;
-    xmpp_stanza_t *x, *y;
-
-    if (depth > TREE_DEPTH_MAX || xmpp_stanza_is_text(a) != xmpp_stanza_is_text(b))
-        return 0;
-    if (xmpp_stanza_is_text(a))
-        return same_str(xmpp_stanza_get_text_ptr(a), xmpp_stanza_get_text_ptr(b));
-    if (!same_str(xmpp_stanza_get_name(a), xmpp_stanza_get_name(b)) ||
-        !same_str(ns = ns_of(a, parent_ns), ns_of(b, parent_ns)) || attr_count(a) != attr_count(b))
-        return 0;
-    if ((n = xmpp_stanza_get_attribute_count(a)) > 0) {
-        if (!(attrs = calloc((size_t)n * 2, sizeof(*attrs))))
-            return 0;
-        n = xmpp_stanza_get_attributes(a, attrs, n * 2);
-        for (int i = 0; i + 1 < n; i += 2) {
-            const char *bv;
-            if (!strcmp(attrs[i], "xmlns"))
-                continue;
-            bv = xmpp_stanza_get_attribute(b, attrs[i]);
-            /* libstrophe's string parser (the stored copy) drops the xml:
-             * prefix: xml:lang comes back as lang */
-            if (!bv && !strncmp(attrs[i], "xml:", 4))
-                bv = xmpp_stanza_get_attribute(b, attrs[i] + 4);
-            if (!same_str(attrs[i + 1], bv)) {
-                free(attrs);
-                return 0;
-            }
-        }
-        free(attrs);
-    }
-    x = next_kept(xmpp_stanza_get_children(a), depth == 0, user_bare, domain);
-    y = next_kept(xmpp_stanza_get_children(b), depth == 0, user_bare, domain);
-    while (x && y) {
-        if (!same_tree(x, y, ns, depth + 1, user_bare, domain))
-            return 0;
-        x = next_kept(xmpp_stanza_get_next(x), depth == 0, user_bare, domain);
-        y = next_kept(xmpp_stanza_get_next(y), depth == 0, user_bare, domain);
-    }
-    return !x && !y;
-}
-
-/* Is st a message this user's archive already holds, as an incoming record
- * under the id of the <stanza-id by='user'/> it carries?  Only the first
- * such element is looked at: ours is the only one a genuine message has
- * (spoofed ones were neutralised on its first way), and a sender must not
- * make us read the archive once per element it sends. */
-static int
-already_archived(mam *a, xmpp_stanza_t *st, const char *prefix, size_t plen, const char *domain)
-{
-    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
-    unsigned long long seq;
-    void *val = NULL;
-    size_t vlen = 0, wlen;
-    const unsigned char *v;
-    char *text;
-    xmpp_stanza_t *c, *stored;
-    int same;
-
-    for (c = xmpp_stanza_get_children(st); c; c = xmpp_stanza_get_next(c))
-        if (name_is(c, "stanza-id") && server_added(c, prefix, domain))
-            break;
-    if (!c || id_to_seq(xmpp_stanza_get_attribute(c, "id"), &seq) != 0)
-        return 0;
-    memcpy(key, prefix, plen);
-    xd_db_put_be(key + plen, seq, SEQ_LEN);
-    if (xd_db_get(a->arch, NULL, key, plen + SEQ_LEN, &val, &vlen) != 0)
-        return 0;
-    v = val;
-    wlen = vlen >= RECORD_FIXED ? (size_t)xd_db_get_be(v + 10, 2) : 0;
-    if (vlen <= RECORD_FIXED + wlen || v[0] != RECORD_VERSION || v[9] != 'i' ||
-        !(text = malloc(vlen - RECORD_FIXED - wlen + 1))) {
-        free(val);
-        return 0;
-    }
-    memcpy(text, v + RECORD_FIXED + wlen, vlen - RECORD_FIXED - wlen);
-    text[vlen - RECORD_FIXED - wlen] = '\0';
-    free(val);
-    stored = xd_stanza_parse(text, strlen(text));
-    free(text);
-    same = stored && same_tree(st, stored, NS_CLIENT, 0, prefix, domain);
-    if (stored)
-        xmpp_stanza_release(stored);
-    return same;
 }
 
 /* ---- preferences (XEP-0313 6) ------------------------------------------------------------- */
@@ -925,7 +777,11 @@ mam_incoming(xd_event *ev, void *data)
     xd_jid_to_bare(&bare);
     if (!(plen = xd_db_user_prefix(&bare, prefix, sizeof(prefix))))
         return XD_PASS;
-    if (already_archived(a, st, prefix, plen, bare.domain)) {
+    /* Routed again (XEP-0198: unacknowledged by a session that ended): it
+     * was judged, archived and given our stanza-id on its first pass, and
+     * any stanza-id spoofing us was neutralised then.  Only the server sets
+     * this flag, so everything that comes from a sender is checked below. */
+    if (ev->flags & XD_EVENT_REROUTED) {
         xd_debug("mam: %s: a message routed again is archived already", prefix);
         return XD_PASS;
     }

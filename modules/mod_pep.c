@@ -53,6 +53,15 @@
  * to the end).  Every key starts with the owner's bare JID and a NUL, so the
  * account's deletion purges it all.
  *
+ * Interest records (watchers) and re-entrance: sending a stanza can end the
+ * session it goes to (XEP-0198 max_queue, the core's output limit), and
+ * SESSION_END (or an unavailable presence) runs our hooks again in the
+ * middle of a loop that sends.  So a watcher is never freed nor moved while
+ * any of our code may be running: it is marked dead, skipped by every loop
+ * and lookup, and freed by a 0-second timer from the event loop, where none
+ * of this module is on the stack.  Entries are only ever appended to the
+ * table in between, so an index walk sees each live watcher once.
+ *
  * Not implemented: subscriptions to PEP nodes other than by caps (XEP-0060
  * 6.1 subscribe answers <feature-not-implemented/>), affiliations (so the
  * whitelist holds the owner alone), roster groups (see above), collection
@@ -121,6 +130,7 @@ typedef struct watcher {
     char qid[40];  /* disco#info in flight, "" if none */
     double qtime;
     unsigned models; /* access models it could see when last served (MODEL bits) */
+    int dead;        /* gone (session ended, unavailable...); freed by sweep_dead() */
 } watcher;
 
 typedef struct caps_ent {
@@ -139,6 +149,8 @@ typedef struct pep_mod {
     long long max_item_size;
     watcher **w;
     size_t nw, capw;
+    size_t ndead;     /* entries of w marked dead, not swept yet */
+    xd_timer *sweep;  /* pending sweep_dead(), or NULL */
     caps_ent caps[CAPS_CACHE_MAX];
     size_t ncaps;
     unsigned long long tick;
@@ -703,7 +715,7 @@ static watcher *
 watcher_find(pep_mod *p, const char *owner, const char *full)
 {
     for (size_t i = 0; i < p->nw; i++)
-        if (!strcmp(p->w[i]->full, full) && !strcmp(p->w[i]->owner, owner))
+        if (!p->w[i]->dead && !strcmp(p->w[i]->full, full) && !strcmp(p->w[i]->owner, owner))
             return p->w[i];
     return NULL;
 }
@@ -718,11 +730,36 @@ watcher_free(watcher *w)
     free(w);
 }
 
+/* From the event loop only (see the header): free the dead, keep the order. */
 static void
-watcher_remove_at(pep_mod *p, size_t i)
+sweep_dead(void *data)
 {
-    watcher_free(p->w[i]);
-    p->w[i] = p->w[--p->nw];
+    pep_mod *p = data;
+    size_t k = 0;
+
+    p->sweep = NULL; /* a one-shot timer is spent once it fires */
+    for (size_t i = 0; i < p->nw; i++)
+        if (p->w[i]->dead)
+            watcher_free(p->w[i]);
+        else
+            p->w[k++] = p->w[i];
+    p->nw = k;
+    p->ndead = 0;
+}
+
+/* The interest is gone.  The record stays in place until sweep_dead(): a
+ * caller up the stack may hold it or be walking the table. */
+static void
+watcher_drop(pep_mod *p, watcher *w)
+{
+    if (w->dead)
+        return;
+    w->dead = 1;
+    p->ndead++;
+    if (!p->sweep)
+        p->sweep = xd_timer_start(p->m, 0., 0., sweep_dead, p);
+    /* no timer (out of memory): the next drop asks again; until then the
+     * dead only take table space */
 }
 
 typedef struct sess_find {
@@ -815,7 +852,7 @@ notify_all(pep_mod *p, const char *owner, const char *node, const node_conf *c,
         watcher *w = p->w[i];
         xd_jid fj;
         char fb[XD_JID_STR_MAX];
-        if (strcmp(w->owner, owner) || !w->resolved || !watcher_wants(w, node))
+        if (w->dead || strcmp(w->owner, owner) || !w->resolved || !watcher_wants(w, node))
             continue;
         if (xd_jid_parse(&fj, w->full) != 0 || bare_of(&fj, fb, sizeof(fb)) ||
             !strcmp(fb, owner))
@@ -889,7 +926,7 @@ send_last_items(pep_mod *p, watcher *w, unsigned only)
     xd_jid fj;
     unsigned allowed;
 
-    if (xd_jid_parse(&fj, w->full) != 0 || bare_of(&fj, who, sizeof(who)) != 0)
+    if (w->dead || xd_jid_parse(&fj, w->full) != 0 || bare_of(&fj, who, sizeof(who)) != 0)
         return;
     allowed = w->models = models_for(w->owner, who);
     if (only)
@@ -897,7 +934,8 @@ send_last_items(pep_mod *p, watcher *w, unsigned only)
     if (!allowed || !w->resolved || !w->nnotify || !recipient_ok(w->full) ||
         node_names_of(p, NULL, w->owner, &nn) != 0)
         return;
-    for (size_t i = 0; i < nn.n && budget > 0; i++) {
+    /* w->dead: a send ended the session (w itself stays valid until the sweep) */
+    for (size_t i = 0; i < nn.n && budget > 0 && !w->dead; i++) {
         node_conf c;
         item_list l;
         if (!watcher_wants(w, nn.v[i]) || conf_load(p, NULL, w->owner, nn.v[i], &c) != 0 ||
@@ -1019,15 +1057,12 @@ track_presence(pep_mod *p, const char *owner, const xd_jid *fromj, xmpp_stanza_t
     /* legacy caps (no 'hash') carry no usable ver (XEP-0115 1.2) */
     if (type || !ver || !hash || !cnode || !*ver || strlen(ver) > VER_MAX ||
         strlen(cnode) > 1024) {
-        for (size_t i = 0; w && i < p->nw; i++)
-            if (p->w[i] == w) {
-                watcher_remove_at(p, i);
-                break;
-            }
+        if (w)
+            watcher_drop(p, w);
         return;
     }
-    if (w && w->ver && !strcmp(w->ver, ver) && (w->resolved || (w->qid[0] &&
-                                                                xd_now() - w->qtime < REQUERY_AFTER)))
+    if (w && w->ver && !strcmp(w->ver, ver) &&
+        (w->resolved || (w->qid[0] && xd_now() - w->qtime < REQUERY_AFTER)))
         return; /* nothing new (a status change) */
     if (!w) {
         xd_jid oj;
@@ -1035,8 +1070,8 @@ track_presence(pep_mod *p, const char *owner, const xd_jid *fromj, xmpp_stanza_t
         if (xd_jid_parse(&oj, owner) != 0 || xd_account_exists(&oj) != 1)
             return;
         for (size_t i = 0; i < p->nw; i++)
-            per_owner += !strcmp(p->w[i]->owner, owner);
-        if (p->nw >= WATCHERS_MAX || per_owner >= WATCHERS_PER_OWNER) {
+            per_owner += !p->w[i]->dead && !strcmp(p->w[i]->owner, owner);
+        if (p->nw - p->ndead >= WATCHERS_MAX || per_owner >= WATCHERS_PER_OWNER) {
             xd_debug("pep: interest table full; %s not tracked for %s", full, owner);
             return;
         }
@@ -1077,7 +1112,7 @@ track_presence(pep_mod *p, const char *owner, const xd_jid *fromj, xmpp_stanza_t
     /* Another watcher of the same full JID and ver may already be asking. */
     for (size_t i = 0; i < p->nw; i++) {
         watcher *o = p->w[i];
-        if (o != w && !strcmp(o->full, full) && o->ver && !strcmp(o->ver, ver)) {
+        if (o != w && !o->dead && !strcmp(o->full, full) && o->ver && !strcmp(o->ver, ver)) {
             if (o->resolved) {
                 watcher_resolve(w, o->notify, o->nnotify);
                 if (is_new)
@@ -1369,7 +1404,7 @@ pep_route(xd_event *ev, void *data)
         return XD_PASS;
     /* only the JID we asked can answer (the id alone could be guessed) */
     for (size_t i = 0; i < p->nw && !w; i++)
-        if (!strcmp(p->w[i]->qid, id) && !strcmp(p->w[i]->full, from))
+        if (!p->w[i]->dead && !strcmp(p->w[i]->qid, id) && !strcmp(p->w[i]->full, from))
             w = p->w[i];
     if (!w)
         return XD_PASS; /* not an answer to us: the core routes it as usual */
@@ -1404,7 +1439,8 @@ pep_route(xd_event *ev, void *data)
         xd_debug("pep: caps of %s not verified; used for that JID only", from);
     for (size_t i = 0; i < p->nw; i++) {
         watcher *o = p->w[i];
-        if (!strcmp(o->full, from) && o->ver && !strcmp(o->ver, ver) && !o->resolved) {
+        if (!o->dead && !strcmp(o->full, from) && o->ver && !strcmp(o->ver, ver) &&
+            !o->resolved) {
             watcher_resolve(o, notify, n);
             send_last_items(p, o, 0);
         }
@@ -1447,11 +1483,10 @@ pep_session_end(xd_event *ev, void *data)
     char full[XD_JID_STR_MAX];
     if (xd_jid_format(xd_session_jid(ev->session), 1, full, sizeof(full)) < 0)
         return XD_PASS;
-    for (size_t i = 0; i < p->nw;)
+    /* We may be inside a send of ours to this very session (see the header). */
+    for (size_t i = 0; i < p->nw; i++)
         if (!strcmp(p->w[i]->full, full))
-            watcher_remove_at(p, i);
-        else
-            i++;
+            watcher_drop(p, p->w[i]);
     return XD_PASS;
 }
 
@@ -1478,7 +1513,7 @@ pep_roster_changed(xd_event *ev, void *data)
         xd_jid fj;
         char fb[XD_JID_STR_MAX];
         unsigned gained;
-        if (strcmp(w->owner, owner) || !w->resolved || xd_jid_parse(&fj, w->full) != 0 ||
+        if (w->dead || strcmp(w->owner, owner) || !w->resolved || xd_jid_parse(&fj, w->full) != 0 ||
             bare_of(&fj, fb, sizeof(fb)) || strcmp(fb, contact))
             continue;
         gained = now & ~w->models & ~MODEL(ACC_OPEN); /* open never depends on it */
@@ -1496,11 +1531,9 @@ pep_account_removed(xd_event *ev, void *data)
     char owner[XD_JID_STR_MAX];
     if (!ev->from || bare_of(ev->from, owner, sizeof(owner)))
         return XD_PASS;
-    for (size_t i = 0; i < p->nw;)
+    for (size_t i = 0; i < p->nw; i++)
         if (!strcmp(p->w[i]->owner, owner))
-            watcher_remove_at(p, i);
-        else
-            i++;
+            watcher_drop(p, p->w[i]);
     return XD_PASS;
 }
 
@@ -2164,6 +2197,7 @@ pep_unload(xd_module *m)
     pep_mod *p = xd_module_get_data(m);
     if (!p)
         return;
+    xd_timer_stop(p->sweep); /* not fired yet, if set */
     for (size_t i = 0; i < p->nw; i++)
         watcher_free(p->w[i]);
     free(p->w);

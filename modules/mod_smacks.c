@@ -12,7 +12,9 @@
  *  - 5 (end): what a session never acknowledged is treated as undelivered:
  *    when it ends (timeout, error, clean close), each unacknowledged
  *    <message/> is routed again with its original from/to, so that offline
- *    storage (or a bounce) takes it.
+ *    storage (or a bounce) takes it.  It is routed with XD_EVENT_REROUTED:
+ *    the server handled it once already (archived it, copied it to the
+ *    user's other resources), and the stanza-id it carries is the server's.
  *
  * Outgoing stanzas are seen through XD_HOOK_STANZA_OUT (a copy is queued);
  * incoming ones are counted by the core (xd_session_stanzas_in).
@@ -257,7 +259,8 @@ stream_closed(xd_event *ev, void *data)
     for (sm_item *it = st->head; it; it = it->next) {
         const char *name = xmpp_stanza_get_name(it->st);
         if (name && strcmp(name, "message") == 0) {
-            xd_route(xmpp_stanza_copy(it->st));
+            /* flagged: archives and carbons handled it on its first pass */
+            xd_route_flags(xmpp_stanza_copy(it->st), XD_EVENT_REROUTED);
             n++;
         }
     }

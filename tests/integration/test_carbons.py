@@ -7,6 +7,7 @@ inner message (OMEMO included), other users' requests, the per-user bound,
 and the layering with blocking and offline storage."""
 
 import asyncio
+import socket
 import time
 from xml.etree import ElementTree as ET
 
@@ -607,3 +608,34 @@ def test_layering_with_blocking_and_offline(xmppd_factory, peer):
     bob.send(xml)
     phone.message("l5")
     assert_carbon(desk, "received", "l5", xml, bob.full)
+
+
+def test_message_routed_again_is_not_copied_again(xmppd_factory, peer):
+    """XEP-0198: the messages a session never acknowledged are routed again
+    when it ends (mod_smacks), to another resource or offline storage.  The
+    other resources got their <received/> copies the first time: none again."""
+    srv = xmppd_factory(modules=("c2s", "carbons", "smacks", "offline"))
+    phone = peer(srv, ALICE, "phone", priority=5)
+    phone.send("<enable xmlns='urn:xmpp:sm:3'/>")
+    phone.wait(lambda e: e.tag == "{urn:xmpp:sm:3}enabled", "<enabled/>")
+    desk = peer(srv, ALICE, "desk", priority=1, carbons=True)
+    laptop = peer(srv, ALICE, "laptop", priority=0, carbons=True)
+    bob = peer(srv, BOB, "b")
+    xml = chat("again1", ALICE, "copied once")
+    bob.send(xml)
+    phone.message("again1")
+    assert_carbon(desk, "received", "again1", xml, bob.full)
+    assert_carbon(laptop, "received", "again1", xml, bob.full)
+    # the phone's connection ends before it acknowledged anything (no
+    # resumption asked): the message is routed again, to the desk now
+    phone.r.sock.shutdown(socket.SHUT_RDWR)
+    phone.r.sock.close()
+    again = desk.message("again1", "the message routed again")
+    assert again.findtext(q("body")) == "copied once", ET.tostring(again)
+    laptop.assert_no_carbons("again1")
+    desk.assert_no_carbons("again1")
+    # carbons go on as before for new messages
+    xml = chat("again2", ALICE, "after")
+    bob.send(xml)
+    desk.message("again2")
+    assert_carbon(laptop, "received", "again2", xml, bob.full)

@@ -607,6 +607,33 @@ def test_unacked_message_routed_again_is_archived_once(xmppd_factory, make_peer)
     assert query(again).ids == [sid, ids[0][1]]
 
 
+def test_replayed_message_with_a_guessed_archive_id_is_not_trusted(srv, make_peer):
+    """A sender cannot pass a message off as one the archive holds: bob sends
+    one of his messages again, exactly, with its archive id (guessed, or
+    learnt) in a <stanza-id by=alice/>, a second forged one and a server-like
+    <delay/>.  Both claims are neutralised, and the replay is archived as a
+    message of its own with a new id."""
+    alice = make_peer(srv, ALICE, "a")
+    bob = make_peer(srv, BOB, "b")
+    ident = bob.chat(ALICE, "pay 10 to bob")
+    [(by, sid)] = stanza_ids(alice.message(ident))
+    assert by == ALICE
+    forged = ("<stanza-id xmlns='%s' by='%s' id='%s'/>"
+              "<stanza-id xmlns='%s' by='%s' id='00000000000000ff'/>"
+              "<delay xmlns='%s' from='localhost' stamp='2001-01-01T00:00:00Z'/>"
+              % (NS_SID, ALICE, sid, NS_SID, ALICE, NS_DELAY))
+    bob.chat(ALICE, "pay 10 to bob", ident=ident, extra=forged)
+    m = alice.message(ident)
+    ids = [s for s in stanza_ids(m) if s != (None, None)]
+    assert len(ids) == 1 and ids[0][0] == ALICE, ET.tostring(m)
+    assert ids[0][1] not in (sid, "00000000000000ff"), ET.tostring(m)
+    assert b"00000000000000ff" not in ET.tostring(m) and sid.encode() not in ET.tostring(m)
+    page = query(alice)
+    assert page.ids == [sid, ids[0][1]], page.ids
+    assert page.bodies == ["pay 10 to bob"] * 2
+    assert b"00000000000000ff" not in ET.tostring(page.items[1]["msg"])
+
+
 def test_other_users_cannot_use_the_archive(srv, make_peer):
     alice = make_peer(srv, ALICE, "a")
     bob = make_peer(srv, BOB, "b")

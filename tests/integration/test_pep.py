@@ -702,3 +702,108 @@ def test_roster_groups_allowed(rsrv, raw):
     assert error_of(fetch(bob, ALICE, node))[2] == "not-in-roster-group"
     roster_set(alice, "jid='%s'" % BOB)
     assert fetched_ids(fetch(bob, ALICE, node)) == ["g"]
+
+
+# ------------------------------------------- sessions that end while being served
+
+NS_SM = "urn:xmpp:sm:3"
+
+
+def sm_enable(r):
+    r.send("<enable xmlns='%s'/>" % NS_SM)
+    r.expect(re.compile(rb"<enabled\b[^>]*?(?:/>|>\s*</enabled>)"), what="<enabled/>")
+
+
+def events_in(data):
+    """The nodes of the pubsub events in a transcript, in order."""
+    return [n.decode() for n in re.findall(rb"<items\b[^>]*?\bnode=[\"']([^\"']+)[\"']", data)]
+
+
+def assert_no_sanitizer_report(srv):
+    log = srv.log()
+    assert "AddressSanitizer" not in log and "runtime error:" not in log, log[-6000:]
+
+
+def test_last_items_to_a_session_that_ends_midway(xmppd_factory, raw):
+    """Sending a last item can end the very session it goes to (here XEP-0198
+    max_queue; the core's output limit likewise), which ends its interest
+    in the middle of the loop: the rest is not sent, and nothing of the
+    interest record is used after the session is gone (it was, under ASan:
+    heap-use-after-free in send_last_items)."""
+    srv = xmppd_factory(modules=("c2s", "smacks", "pep"), extra="smacks = { max_queue = 4; };\n")
+    alice = raw(srv, ALICE, "phone")
+    nodes = ["urn:test:n%d" % i for i in range(8)]
+    for n in nodes:
+        ok(publish(alice, n, "<e xmlns='urn:test'>%s</e>" % ("x" * 100), "i", access_model="open"))
+    desk = raw(srv, ALICE, "desk", presence=False)
+    sm_enable(desk)
+    feats = [DISCO] + [n + "+notify" for n in nodes]
+    pres, ver, ident = caps_presence(feats)
+    desk.send(pres)
+    answer_disco(desk, feats, ident, ver)
+    # its own presence, the disco query, then last items until the 5th
+    # unacknowledged stanza closes the stream
+    _, data = desk.expect_stream_error("resource-constraint")
+    got = events_in(data)
+    assert 0 < len(got) < len(nodes) and set(got) <= set(nodes), data
+    # the caps are known now: the last items go out from the presence itself
+    tablet = raw(srv, ALICE, "tablet", presence=False)
+    sm_enable(tablet)
+    tablet.send(pres)
+    _, data = tablet.expect_stream_error("resource-constraint")
+    got = events_in(data)
+    assert 0 < len(got) < len(nodes) and set(got) <= set(nodes), data
+    # the server goes on: the owner's other resource is served as before
+    ok(publish(alice, nodes[0], "<e xmlns='urn:test'>after</e>", "j"))
+    assert event_message(alice, nodes[0]).find(".//{%s}item" % EVENT).get("id") == "j"
+    assert_no_sanitizer_report(srv)
+
+
+def test_event_reaches_everyone_when_a_recipient_ends(xmppd_factory, raw):
+    """An event whose delivery ends the first recipient's session (and so
+    its interest) still reaches the recipients after it."""
+    srv = xmppd_factory(modules=("c2s", "smacks", "pep"), extra="smacks = { max_queue = 2; };\n",
+                        extra_users=[MALLORY])
+    alice = raw(srv, ALICE, "phone")
+    feats = [DISCO, DEVICELIST + "+notify"]
+    pres, ver, ident = caps_presence(feats, to=ALICE)
+    bob = raw(srv, BOB, "b", presence=False)
+    sm_enable(bob)
+    bob.send(pres)
+    answer_disco(bob, feats, ident, ver)        # unacknowledged: 1
+    mallory = raw(srv, MALLORY[0], "m", presence=False)
+    mallory.send(pres)                          # same verified caps: no query
+    sync_ping(mallory)
+    sync_ping(bob)                              # unacknowledged: 2
+    # the event would be bob's 3rd unacknowledged stanza: his stream is
+    # closed instead while it is being sent, before mallory's turn
+    ok(publish(alice, DEVICELIST, devicelist(3), "current", access_model="open"))
+    _, data = bob.expect_stream_error("resource-constraint")
+    assert events_in(data) == [], data
+    msg = event_message(mallory, DEVICELIST)
+    assert [d.get("id") for d in msg.iter("{%s}device" % AXOLOTL)] == ["3"]
+    assert_no_sanitizer_report(srv)
+
+
+def test_roster_change_last_items_to_a_session_that_ends_midway(xmppd_factory, raw):
+    """The same on XD_HOOK_ROSTER_CHANGED: a contact let into the roster gets
+    the last items of the roster nodes until its session ends mid-way."""
+    srv = xmppd_factory(modules=("c2s", "roster", "smacks", "pep"),
+                        extra="smacks = { max_queue = 4; };\n")
+    alice = raw(srv, ALICE, "phone")
+    nodes = ["urn:test:r%d" % i for i in range(8)]
+    for n in nodes:
+        ok(publish(alice, n, "<e xmlns='urn:test'>%s</e>" % ("x" * 100), "i", access_model="roster"))
+    bob = raw(srv, BOB, "laptop", presence=False)
+    sm_enable(bob)
+    feats = [DISCO] + [n + "+notify" for n in nodes]
+    pres, ver, ident = caps_presence(feats, to=ALICE)
+    bob.send(pres)
+    answer_disco(bob, feats, ident, ver)      # unacknowledged: 1; nothing he may see yet
+    roster_set(alice, "jid='%s'" % BOB)
+    _, data = bob.expect_stream_error("resource-constraint")
+    got = events_in(data)
+    assert 0 < len(got) < len(nodes) and set(got) <= set(nodes), data
+    ok(publish(alice, nodes[0], "<e xmlns='urn:test'>after</e>", "j"))
+    assert event_message(alice, nodes[0]).find(".//{%s}item" % EVENT).get("id") == "j"
+    assert_no_sanitizer_report(srv)
