@@ -429,6 +429,18 @@ xd_is_local_host(const char *domain)
     return xd_config_host(domain) != NULL;
 }
 
+int
+xd_host_count(void)
+{
+    return xd_srv.conf.nhosts;
+}
+
+const char *
+xd_host_name(int i)
+{
+    return i >= 0 && i < xd_srv.conf.nhosts ? xd_srv.conf.hosts[i].domain : NULL;
+}
+
 /* ---- module settings ---------------------------------------------------- */
 
 static config_setting_t *

@@ -310,6 +310,9 @@ void xd_deliver_to_session(xd_session *s, xmpp_stanza_t *st);
 void xd_bounce(xmpp_stanza_t *st, const char *type, const char *condition, const char *text);
 /* Is this domain served here? */
 int xd_is_local_host(const char *domain);
+/* The served domains (prepared), in the config's order. */
+int xd_host_count(void);
+const char *xd_host_name(int i); /* NULL when out of range */
 
 /* Build an IQ result for iq (same id, to/from swapped); the caller sends it. */
 xmpp_stanza_t *xd_iq_result(xmpp_stanza_t *iq);

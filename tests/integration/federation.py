@@ -88,10 +88,16 @@ XMPPD_A = "xmppd-a.test"
 XMPPD_B = "xmppd-b.test"
 EVIL = "evil.test"
 UNREACHABLE = "unreachable.test"
-DOMAINS = (PROSODY, EJABBERD, XMPPD_A, XMPPD_B, EVIL, UNREACHABLE)
+# mod_rtbl's tests: a blocklist pubsub service, the domain its spammers and
+# moderator live on (one Prosody serves both) and the xmppd that subscribes
+RTBL = "rtbl.test"
+SPAM = "spam.test"
+XMPPD_RTBL = "xmppd-rtbl.test"
+DOMAINS = (PROSODY, EJABBERD, XMPPD_A, XMPPD_B, EVIL, UNREACHABLE, RTBL, SPAM, XMPPD_RTBL)
 
 # last octet of each domain's address inside the per-run /24
-HOST_OCTET = {PROSODY: 11, EJABBERD: 12, XMPPD_A: 21, XMPPD_B: 22, EVIL: 31, UNREACHABLE: 41}
+HOST_OCTET = {PROSODY: 11, EJABBERD: 12, XMPPD_A: 21, XMPPD_B: 22, EVIL: 31, UNREACHABLE: 41,
+              RTBL: 51, SPAM: 52, XMPPD_RTBL: 23}
 DNS_OCTET = 53
 CLIENT_OCTET = 99        # source address for the tests' own DNS/TCP probes
 # Advertised through SRV.  Not 5269: a system XMPP server listening on the
