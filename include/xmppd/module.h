@@ -92,6 +92,9 @@ typedef enum xd_hook_id {
     XD_HOOK_BLOCKLIST_CHANGED, /* a user's XEP-0191 block list changed (run by mod_blocking
                                after its commit): from = the user's bare JID, to = the JID
                                blocked or unblocked (NULL: unblock all), flags = 1 blocked */
+    XD_HOOK_SESSION_RESUMED, /* a stream resumed a session (run by mod_smacks once <resumed/>
+                               and the unacknowledged stanzas are written): session = the
+                               new stream, which now carries the module data */
     XD_HOOK_COUNT
 } xd_hook_id;
 
