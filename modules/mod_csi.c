@@ -26,8 +26,10 @@
  *  - 5.1 (in-order processing): <active/> sends everything held before the
  *    next element of the stream is read.
  *  - 5.2 (stream resumption, XEP-0198): the state is not restored; the
- *    resumed stream is active, and what was held for the old stream follows
- *    the stanzas mod_smacks sends again (they are all older).
+ *    resumed stream is active.  What was held for the old stream moves with
+ *    the session's data (xd_session_resume) and is sent at
+ *    XD_HOOK_SESSION_RESUMED, which mod_smacks runs once <resumed/> and the
+ *    stanzas it sends again (they are all older) are written.
  *
  * A held stanza goes out through xd_session_send_held(), so the STANZA_OUT
  * handlers ranked after ours (mod_smacks's count) see it only when it is
@@ -71,7 +73,6 @@ typedef struct csi_mod {
     long long max_held;       /* stanzas held before they are all sent */
     long long max_held_bytes; /* bytes held before they are all sent */
     long long max_delay;      /* seconds the oldest held stanza may wait; 0: no limit */
-    unsigned long epoch;      /* bumped by every stanza entering the router (see resume) */
 } csi_mod;
 
 typedef struct held {
@@ -83,26 +84,17 @@ typedef struct held {
 } held;
 
 /*
- * One client stream's state.  Every c2s stream gets one when it connects,
- * so that a resumption (xd_session_resume), which swaps the module data of
- * the two sessions, always leaves one of ours on each side: the state that
- * arrives on the old session still names the new one in `s`, and that is
- * how STREAM_CLOSED of the old session finds where the held stanzas went
- * (no hook runs at resumption).  `s` is therefore always the session that
- * carries the state; the timers use it, never a pointer kept from the
- * <inactive/> that started the holding.
+ * One bound client session's state, made at its first <inactive/>.  A
+ * resumption moves it to the new stream with the rest of the session's
+ * data; `s` still names the old stream until XD_HOOK_SESSION_RESUMED.
  */
 typedef struct csi_state {
     csi_mod *mod;
     xd_session *s;
     int inactive;
-    int ended;          /* the session is over: hold nothing */
-    int resume_pending; /* resumed with stanzas held: they follow smacks's re-sends */
-    unsigned long resume_epoch;
     held *head, *tail;
     size_t count, bytes;
-    xd_timer *delay_timer;  /* max_delay for the oldest held stanza */
-    xd_timer *resume_timer; /* sends what was held once the resumption is done */
+    xd_timer *delay_timer; /* max_delay for the oldest held stanza */
 } csi_state;
 
 static const xd_setting csi_settings[] = {
@@ -140,14 +132,12 @@ unlink_held(csi_state *st, held *h)
 }
 
 static void
-stop_timers(csi_state *st)
+stop_delay(csi_state *st)
 {
-    /* one-shot timers: the callbacks clear their pointer before anything else */
+    /* a one-shot timer: its callback clears the pointer before anything else */
     if (st->delay_timer)
         xd_timer_stop(st->delay_timer);
-    if (st->resume_timer)
-        xd_timer_stop(st->resume_timer);
-    st->delay_timer = st->resume_timer = NULL;
+    st->delay_timer = NULL;
 }
 
 /* Forget what is held; returns how many. */
@@ -168,56 +158,35 @@ static void
 state_free(void *p)
 {
     csi_state *st = p;
-    stop_timers(st);
+    stop_delay(st);
     drop_all(st);
     free(st);
 }
 
 /*
- * Send everything held to s, oldest first.  One at a time from the head:
- * sending may end the session (SESSION_END then empties the queue and the
- * loop stops) and nothing that re-enters here can reorder what is left.
+ * Send everything held, oldest first.  One at a time from the head: sending
+ * may end the session (SESSION_END then empties the queue and the loop
+ * stops) and nothing that re-enters here can reorder what is left.
  */
 static void
-flush(csi_state *st, xd_session *s, const char *why)
+flush(csi_state *st, const char *why)
 {
     size_t n = 0;
 
-    if (st->delay_timer) {
-        xd_timer_stop(st->delay_timer);
-        st->delay_timer = NULL;
-    }
+    stop_delay(st);
     while (st->head) {
         held *h = st->head;
         xmpp_stanza_t *stanza = h->st;
         unlink_held(st, h);
         h->st = NULL;
         held_free(h);
-        xd_session_send_held(s, st->mod->m, stanza); /* takes it, sent or not */
+        xd_session_send_held(st->s, st->mod->m, stanza); /* takes it, sent or not */
         n++;
     }
     if (n) {
         xd_count(st->mod->m, "flushed", n);
-        xd_debug("csi: %s: %zu held stanza(s) sent (%s)", xd_session_peer(s), n, why);
+        xd_debug("csi: %s: %zu held stanza(s) sent (%s)", xd_session_peer(st->s), n, why);
     }
-}
-
-/* The session is over (or the state is left behind by a resumption). */
-static void
-end_state(csi_state *st, const char *why)
-{
-    size_t n;
-    stop_timers(st);
-    /* Only presence, chat states, receipts, markers and pubsub events are
-     * ever held (never a message with a body): they may go. */
-    n = drop_all(st);
-    if (n) {
-        xd_count(st->mod->m, "dropped", n);
-        xd_debug("csi: %s: %zu held stanza(s) dropped (%s)", xd_session_peer(st->s), n, why);
-    }
-    st->ended = 1;
-    st->inactive = 0;
-    st->resume_pending = 0;
 }
 
 /* ---- what may wait ------------------------------------------------------------- */
@@ -457,174 +426,91 @@ hold(csi_state *st, xmpp_stanza_t *stanza, int kind, char *key)
     return 0;
 }
 
-/* ---- timers ---------------------------------------------------------------------- */
+/* ---- hooks ----------------------------------------------------------------------- */
 
 static void
 delay_expired(void *data)
 {
     csi_state *st = data;
     st->delay_timer = NULL; /* spent */
-    if (st->ended || !st->head || !xd_session_is_bound(st->s))
-        return;
     xd_count(st->mod->m, "delay_flushes", 1);
-    flush(st, st->s, "max_delay");
+    flush(st, "max_delay");
 }
-
-/* The resumption is over (the <resume/> handler has returned, smacks has
- * sent its unacknowledged stanzas again): now what was held. */
-static void
-resume_done(csi_state *st, xd_session *s)
-{
-    if (st->resume_timer) {
-        xd_timer_stop(st->resume_timer);
-        st->resume_timer = NULL;
-    }
-    st->resume_pending = 0;
-    if (!st->ended && xd_session_is_bound(s))
-        flush(st, s, "stream resumed");
-}
-
-static void
-resume_expired(void *data)
-{
-    csi_state *st = data;
-    st->resume_timer = NULL; /* spent */
-    if (st->resume_pending)
-        resume_done(st, st->s);
-}
-
-/* ---- hooks ----------------------------------------------------------------------- */
 
 /* XD_HOOK_STANZA_OUT at XD_PRIO_HIGH: before mod_smacks counts it. */
 static int
 csi_out(xd_event *ev, void *data)
 {
     csi_mod *cm = data;
-    xd_session *s = ev->session;
-    csi_state *st;
+    csi_state *st = xd_session_get_data(ev->session, cm->m);
     char *key;
     int kind;
 
-    if (!s || !ev->stanza || !(st = xd_session_get_data(s, cm->m)) || st->ended)
+    /* A state that does not name this session was moved here by a
+     * resumption still under way: mod_smacks is sending again what the
+     * client did not acknowledge, older than what is held. */
+    if (!st || !ev->stanza || st->s != ev->session)
         return XD_PASS;
-    st->s = s;
-    if (st->resume_pending) {
-        /* Nothing entered the router since the resumption: this is mod_smacks
-         * sending an unacknowledged stanza again, older than what is held. */
-        if (cm->epoch == st->resume_epoch)
-            return XD_PASS;
-        resume_done(st, s);
-    }
     if (!st->inactive) {
         if (st->head)
-            flush(st, s, "active");
+            flush(st, "active"); /* re-entered from a flush: what is left goes first */
         return XD_PASS;
     }
     kind = classify(ev->stanza, &key);
     if (kind == K_URGENT) {
         free(key);
         if (st->head)
-            flush(st, s, "urgent stanza");
+            flush(st, "urgent stanza");
         return XD_PASS;
     }
     if (hold(st, ev->stanza, kind, key) != 0) {
-        flush(st, s, "out of memory"); /* and this one goes out in order */
+        flush(st, "out of memory"); /* and this one goes out in order */
         return XD_PASS;
     }
     if (st->count >= (size_t)cm->max_held || st->bytes > (size_t)cm->max_held_bytes) {
         xd_count(cm->m, "limit_flushes", 1);
-        flush(st, s, st->count >= (size_t)cm->max_held ? "max_held" : "max_held_bytes");
+        flush(st, st->count >= (size_t)cm->max_held ? "max_held" : "max_held_bytes");
     } else if (cm->max_delay > 0 && !st->delay_timer) {
         st->delay_timer = xd_timer_start(cm->m, (double)cm->max_delay, 0, delay_expired, st);
     }
     return XD_HANDLED;
 }
 
-/* XD_HOOK_SESSION_END: the bound session is going for good. */
+/* XD_HOOK_SESSION_END: the bound session is going for good.  Only presence,
+ * chat states, receipts, markers and pubsub events are ever held (never a
+ * message with a body): they may go. */
 static int
 csi_session_end(xd_event *ev, void *data)
 {
     csi_mod *cm = data;
-    csi_state *st = ev->session ? xd_session_get_data(ev->session, cm->m) : NULL;
-    if (st && !st->ended)
-        end_state(st, "session ended");
-    return XD_PASS;
-}
+    csi_state *st = xd_session_get_data(ev->session, cm->m);
+    size_t n;
 
-/*
- * XD_HOOK_STREAM_CLOSED.  Either the stream ends with its state, or it was
- * taken over by a resumption: xd_session_resume swapped our data, so the
- * state here is the new stream's blank one, whose `s` names the new stream,
- * and the old stream's state (held stanzas included) is now on that one.
- */
-static int
-csi_stream_closed(xd_event *ev, void *data)
-{
-    csi_mod *cm = data;
-    xd_session *x = ev->session, *taker;
-    csi_state *here, *moved;
-
-    if (!x || !(here = xd_session_get_data(x, cm->m)))
+    if (!st)
         return XD_PASS;
-    if (here->s == x) {
-        if (!here->ended)
-            end_state(here, "stream closed");
-        return XD_PASS;
-    }
-    taker = here->s;
-    here->s = x;
-    end_state(here, "left behind by a resumption");
-    moved = xd_session_get_data(taker, cm->m);
-    if (!moved || moved->s != x) {
-        xd_warn("csi: %s: resumption state not found", xd_session_peer(x));
-        return XD_PASS;
-    }
-    moved->s = taker;
-    /* XEP-0352 5.2: the resumed stream starts active. */
-    moved->inactive = 0;
-    if (moved->delay_timer) {
-        xd_timer_stop(moved->delay_timer);
-        moved->delay_timer = NULL;
-    }
-    if (moved->head) {
-        /* Not now: <resumed/> is not written yet, and mod_smacks is about to
-         * send the stanzas the client never acknowledged, which are older.
-         * Right after (next loop turn), or before anything newer. */
-        moved->resume_pending = 1;
-        moved->resume_epoch = cm->epoch;
-        if (!moved->resume_timer)
-            moved->resume_timer = xd_timer_start(cm->m, 0., 0., resume_expired, moved);
+    st->s = ev->session; /* even if a resumption ends before it is announced */
+    st->inactive = 0;    /* nothing sent to it from here on is held */
+    stop_delay(st);
+    if ((n = drop_all(st))) {
+        xd_count(cm->m, "dropped", n);
+        xd_debug("csi: %s: %zu held stanza(s) dropped (session ended)", xd_session_peer(st->s), n);
     }
     return XD_PASS;
 }
 
-/* XD_HOOK_CONNECT (last): every client stream gets its state (see csi_state). */
+/* XD_HOOK_SESSION_RESUMED: the old session's state came here with its data,
+ * and mod_smacks has written <resumed/> and its re-sends: now what was held. */
 static int
-csi_connect(xd_event *ev, void *data)
+csi_resumed(xd_event *ev, void *data)
 {
     csi_mod *cm = data;
-    csi_state *st;
+    csi_state *st = xd_session_get_data(ev->session, cm->m);
 
-    if (!ev->session || xd_session_type(ev->session) != XD_STREAM_C2S)
+    if (!st)
         return XD_PASS;
-    if (!(st = calloc(1, sizeof(*st)))) {
-        xd_warn("csi: %s: out of memory; connection refused", xd_session_peer(ev->session));
-        return XD_DROP;
-    }
-    st->mod = cm;
     st->s = ev->session;
-    xd_session_set_data(ev->session, cm->m, st, state_free);
-    return XD_PASS;
-}
-
-/* C2S_STANZA, S2S_STANZA and ROUTE (first): a stanza enters the router.
- * mod_smacks's re-sending after a resumption never does; see csi_out. */
-static int
-csi_epoch(xd_event *ev, void *data)
-{
-    csi_mod *cm = data;
-    (void)ev;
-    cm->epoch++;
+    st->inactive = 0; /* 5.2: the resumed stream starts active */
+    flush(st, "stream resumed");
     return XD_PASS;
 }
 
@@ -638,37 +524,51 @@ csi_features(xd_session *s, xmpp_stanza_t *features, void *data)
         xmpp_stanza_add_child_ex(features, xd_stanza_new("csi", NS_CSI), 0);
 }
 
+static csi_state *
+state_new(csi_mod *cm, xd_session *s)
+{
+    csi_state *st = calloc(1, sizeof(*st));
+    if (!st) {
+        xd_warn("csi: %s: out of memory; <inactive/> ignored", xd_session_peer(s));
+        return NULL;
+    }
+    st->mod = cm;
+    st->s = s;
+    xd_session_set_data(s, cm->m, st, state_free);
+    return st;
+}
+
 static int
 csi_element(xd_session *s, xmpp_stanza_t *el, void *data)
 {
     csi_mod *cm = data;
     const char *name = xmpp_stanza_get_name(el);
     csi_state *st;
-    int active;
 
     if (!name || (strcmp(name, "active") != 0 && strcmp(name, "inactive") != 0))
         return XD_PASS; /* <csi/> or anything else from a client: a stream error */
     if (!xd_session_is_authenticated(s))
         return XD_PASS; /* not offered yet: unsupported-stanza-type */
-    active = !strcmp(name, "active");
-    if (!xd_session_is_bound(s) || !(st = xd_session_get_data(s, cm->m)) || st->ended) {
+    if (!xd_session_is_bound(s)) {
         xd_debug("csi: %s: <%s/> before resource binding ignored", xd_session_peer(s), name);
         return XD_HANDLED;
     }
-    st->s = s;
-    if (st->resume_pending)
-        resume_done(st, s); /* the client speaks again: the resumption is over */
-    if (active) {
+    st = xd_session_get_data(s, cm->m);
+    if (!strcmp(name, "active")) {
+        if (!st)
+            return XD_HANDLED; /* never inactive: nothing held */
         if (st->inactive)
             xd_debug("csi: %s: active", xd_session_peer(s));
         st->inactive = 0;
         /* 5.1: all of it is written before the next element is processed */
-        flush(st, s, "client active");
-    } else {
-        if (!st->inactive)
-            xd_debug("csi: %s: inactive", xd_session_peer(s));
-        st->inactive = 1;
+        flush(st, "client active");
+        return XD_HANDLED;
     }
+    if (!st && !(st = state_new(cm, s)))
+        return XD_HANDLED; /* the stream stays active: nothing is lost */
+    if (!st->inactive)
+        xd_debug("csi: %s: inactive", xd_session_peer(s));
+    st->inactive = 1;
     return XD_HANDLED;
 }
 
@@ -705,12 +605,8 @@ csi_load(xd_module *m)
     r |= xd_stream_features_add(m, XD_STREAM_C2S, csi_features, cm);
     r |= xd_stream_element_register(m, XD_STREAM_C2S, NS_CSI, csi_element, cm);
     r |= xd_hook(m, XD_HOOK_STANZA_OUT, csi_out, cm, XD_PRIO_HIGH);
-    r |= xd_hook(m, XD_HOOK_CONNECT, csi_connect, cm, XD_PRIO_LAST);
     r |= xd_hook(m, XD_HOOK_SESSION_END, csi_session_end, cm, XD_PRIO_FIRST);
-    r |= xd_hook(m, XD_HOOK_STREAM_CLOSED, csi_stream_closed, cm, XD_PRIO_FIRST);
-    r |= xd_hook(m, XD_HOOK_C2S_STANZA, csi_epoch, cm, XD_PRIO_FIRST);
-    r |= xd_hook(m, XD_HOOK_S2S_STANZA, csi_epoch, cm, XD_PRIO_FIRST);
-    r |= xd_hook(m, XD_HOOK_ROUTE, csi_epoch, cm, XD_PRIO_FIRST);
+    r |= xd_hook(m, XD_HOOK_SESSION_RESUMED, csi_resumed, cm, XD_PRIO_DEFAULT);
     return r ? -1 : 0;
 }
 

@@ -8,7 +8,8 @@
  *    bound when its connection drops without </stream:stream> (a "detached"
  *    session) for resume_timeout seconds; a new stream of the same account
  *    sends <resume previd h/> before binding, takes the session over, and
- *    gets what it had not acknowledged again, in order.
+ *    gets what it had not acknowledged again, in order; then
+ *    XD_HOOK_SESSION_RESUMED runs for modules whose session data moved.
  *  - 5 (end): what a session never acknowledged is treated as undelivered:
  *    when it ends (timeout, error, clean close), each unacknowledged
  *    <message/> is routed again with its original from/to, so that offline
@@ -387,6 +388,12 @@ do_resume(sm_mod *sm, xd_session *s, xmpp_stanza_t *el)
         rest = it->next;
         xd_session_send(s, it->st);
         free(it);
+    }
+    /* Modules that moved with the session (mod_csi) act after all of this;
+     * not if sending ended the session (SESSION_END ran instead). */
+    if (xd_session_is_bound(s)) {
+        xd_event ev = {.session = s, .from = xd_session_jid(s)};
+        xd_hooks_run(XD_HOOK_SESSION_RESUMED, &ev);
     }
     return XD_HANDLED;
 }

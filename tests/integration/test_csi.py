@@ -10,7 +10,9 @@ max_held, max_held_bytes and max_delay bounds; carbons are as urgent as what
 they carry; a flood of presence keeps one entry per sender; an unavailable
 is never lost; and with stream management (5.2) what was held for a lost
 connection goes to the resumed stream, after smacks's unacknowledged
-stanzas, counted once."""
+stanzas, counted once; the state moves with the session (the resumed stream
+holds again, and a second resumption carries that too), and what is held is
+dropped when a detached session expires."""
 
 import os
 import re
@@ -646,3 +648,76 @@ def test_held_stanzas_are_dropped_when_the_session_ends(xmppd_factory, peers):
     b.wait(lambda e: is_presence(e, a.full, ptype="unavailable"), "alice's unavailable")
     after = stats(srv)
     assert after.get("dropped", 0) - before.get("dropped", 0) == 2, (before, after)
+
+
+def resume(srv, peers, full, previd, h):
+    """A new stream of alice that resumes `previd`; returns it after <resumed/>."""
+    r = RawStream(srv)
+    r.authenticate("alice", USERS[ALICE])
+    r.open_stream()
+    n = Peer(r, full)
+    peers.made.append(n)
+    n.send("<resume xmlns='%s' previd='%s' h='%d'/>" % (NS_SM, previd, h))
+    got = n.take(1, timeout=5)[0]
+    assert got.tag == "{%s}resumed" % NS_SM, show(got)
+    return n
+
+
+def test_resumed_stream_holds_again_and_resumes_again(xmppd_factory, peers):
+    srv = make_server(xmppd_factory, modules=("c2s", "roster", "smacks", "csi"),
+                      smacks={"resume_timeout": 10})
+    a, b = pair(srv, peers)
+    a.send("<enable xmlns='%s' resume='true'/>" % NS_SM)
+    previd = a.wait(lambda e: e.tag == "{%s}enabled" % NS_SM, "<enabled/>").get("id")
+    go_inactive(a)  # its pong is stanza 1
+    b.presence("p1")
+    b.sync()
+    assert a.quiet() == []
+
+    # Taken over while the old connection is still open (the client thinks
+    # it is dead): what it held moves to the new stream, which is active.
+    n = resume(srv, peers, a.full, previd, 1)
+    assert summary(n.take(1, timeout=3)) == [("presence", b.full, "p1")]
+    a.r.read_until_closed(timeout=3)
+    assert a.r.eof, "the old connection is still open"
+
+    # The state now belongs to the new stream: it holds, and flushes there.
+    go_inactive(n)  # 2 = p1, 3 = this pong
+    b.presence("p2")
+    b.sync()
+    assert n.quiet() == []
+    b.send(chat(n.full, "wake up", "w1"))
+    assert summary(n.take(2, timeout=3)) == [("presence", b.full, "p2"),
+                                             ("message", b.full, "wake up")]
+    # Still inactive: held, then lost with the connection, then resumed
+    # again: w1 (5, not acknowledged) comes again before what was held.
+    b.presence("p3")
+    b.sync()
+    assert n.quiet() == []
+    cut(n)
+    time.sleep(0.3)  # the server notices; the session is detached
+    n2 = resume(srv, peers, a.full, previd, 4)
+    assert summary(n2.take(2, timeout=3)) == [("message", b.full, "wake up"),
+                                              ("presence", b.full, "p3")]
+    # active: nothing is held any more
+    b.send(chat_state(n2.full, "composing"))
+    assert chatstate(n2.take(1, timeout=3)[0]) == "composing"
+
+
+def test_held_stanzas_are_dropped_when_a_detached_session_expires(xmppd_factory, peers):
+    srv = make_server(xmppd_factory, modules=("c2s", "roster", "smacks", "csi"),
+                      smacks={"resume_timeout": 1})
+    a, b = pair(srv, peers)
+    a.send("<enable xmlns='%s' resume='true'/>" % NS_SM)
+    a.wait(lambda e: e.tag == "{%s}enabled" % NS_SM, "<enabled/>")
+    go_inactive(a)
+    b.presence("lost")
+    b.sync()
+    assert a.quiet() == []
+    before = stats(srv)
+    cut(a)
+    b.wait(lambda e: is_presence(e, a.full, ptype="unavailable"), "alice's unavailable",
+           timeout=5)
+    after = stats(srv)
+    assert after.get("dropped", 0) - before.get("dropped", 0) == 1, (before, after)
+    assert after.get("flushed", 0) == before.get("flushed", 0), (before, after)
