@@ -1,7 +1,15 @@
-/* String-keyed hash table: FNV-1a, power-of-two buckets, doubled at load 1. */
+/*
+ * String-keyed hash table: chaining, power-of-two buckets, doubled at load 1.
+ * Keys often come from the network (JIDs, list items a remote service
+ * publishes), so the hash is SipHash-1-3 with a key drawn at start-up: no
+ * one can choose keys that all land in one chain.
+ */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "hashtab.h"
 
@@ -18,13 +26,59 @@ struct xd_hashtab {
     size_t n;
 };
 
-static uint32_t
-fnv1a(const char *s)
+static uint64_t sip_k0, sip_k1;
+static int sip_keyed;
+
+static void
+sip_key(void)
 {
-    uint32_t h = 2166136261u;
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 16777619u;
-    return h;
+    uint64_t k[2];
+    if (getrandom(k, sizeof(k), 0) != (ssize_t)sizeof(k)) {
+        /* no entropy yet (early boot): still different per process */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        k[0] = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15u ^ (uint64_t)getpid();
+        k[1] = (uint64_t)ts.tv_sec * 0xbf58476d1ce4e5b9u ^ (uint64_t)(uintptr_t)&ts;
+    }
+    sip_k0 = k[0];
+    sip_k1 = k[1];
+    sip_keyed = 1;
+}
+
+#define ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1, v1 = ROTL(v1, 13), v1 ^= v0, v0 = ROTL(v0, 32);                                  \
+        v2 += v3, v3 = ROTL(v3, 16), v3 ^= v2;                                                     \
+        v0 += v3, v3 = ROTL(v3, 21), v3 ^= v0;                                                     \
+        v2 += v1, v1 = ROTL(v1, 17), v1 ^= v2, v2 = ROTL(v2, 32);                                  \
+    } while (0)
+
+/* SipHash-1-3 of a NUL-terminated string. */
+static uint32_t
+siphash(const char *s)
+{
+    size_t len = strlen(s), i;
+    uint64_t v0 = sip_k0 ^ 0x736f6d6570736575u, v1 = sip_k1 ^ 0x646f72616e646f6du;
+    uint64_t v2 = sip_k0 ^ 0x6c7967656e657261u, v3 = sip_k1 ^ 0x7465646279746573u, m;
+
+    for (i = 0; i + 8 <= len; i += 8) {
+        memcpy(&m, s + i, 8); /* little-endian hosts; the value only feeds a hash */
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
+    }
+    m = (uint64_t)len << 56;
+    for (size_t j = 0; i + j < len; j++)
+        m |= (uint64_t)(unsigned char)s[i + j] << (8 * j);
+    v3 ^= m;
+    SIPROUND;
+    v0 ^= m;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return (uint32_t)(v0 ^ v1 ^ v2 ^ v3);
 }
 
 xd_hashtab *
@@ -32,6 +86,8 @@ xd_hashtab_new(size_t initial)
 {
     xd_hashtab *h = calloc(1, sizeof(*h));
     size_t nb = 16;
+    if (!sip_keyed)
+        sip_key();
     if (!h)
         return NULL;
     while (nb < initial)
@@ -96,7 +152,7 @@ find(const xd_hashtab *h, const char *key, uint32_t hash)
 int
 xd_hashtab_put(xd_hashtab *h, const char *key, void *val)
 {
-    uint32_t hash = fnv1a(key);
+    uint32_t hash = siphash(key);
     entry **p = find(h, key, hash);
     if (*p) {
         (*p)->key = key;
@@ -119,14 +175,14 @@ xd_hashtab_put(xd_hashtab *h, const char *key, void *val)
 void *
 xd_hashtab_get(const xd_hashtab *h, const char *key)
 {
-    entry **p = find(h, key, fnv1a(key));
+    entry **p = find(h, key, siphash(key));
     return *p ? (*p)->val : NULL;
 }
 
 void *
 xd_hashtab_del(xd_hashtab *h, const char *key)
 {
-    entry **p = find(h, key, fnv1a(key));
+    entry **p = find(h, key, siphash(key));
     entry *e = *p;
     void *val;
     if (!e)

@@ -383,7 +383,7 @@ session_flush(xd_session *s)
 int
 xd_session_send_raw(xd_session *s, const char *data, size_t len)
 {
-    if (s->dead || s->detached)
+    if (s->dead || s->detached || s->lingering)
         return -1;
     if (s->out_len - s->out_off + len > XD_OUT_MAX) {
         xd_warn("%s: peer is not reading; %zu bytes queued; closing", s->peer,

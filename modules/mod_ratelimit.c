@@ -276,7 +276,7 @@ table_init(rl_table *t, size_t cap)
     if (getrandom(t->sipkey, sizeof(t->sipkey), GRND_NONBLOCK) != (ssize_t)sizeof(t->sipkey)) {
         /* No entropy yet (early boot): still distinct per process and start. */
         t->sipkey[0] = (uint64_t)getpid() * 0x9e3779b97f4a7c15ULL ^ (uint64_t)(uintptr_t)t;
-        t->sipkey[1] = (uint64_t)(xd_now() * 1e6);
+        t->sipkey[1] = (uint64_t)(xd_monotonic() * 1e6);
     }
     return 0;
 }
@@ -694,7 +694,7 @@ on_connect(xd_event *ev, void *data)
 {
     rl *r = data;
     xd_session *s = ev->session;
-    double now = xd_now();
+    double now = xd_monotonic();
     unsigned char a[16], key[16];
     const rl_limit *lip, *lls;
     rl_listener *l;
@@ -736,7 +736,7 @@ on_auth(xd_event *ev, void *data)
 {
     rl *r = data;
     xd_session *s = ev->session;
-    double now = xd_now();
+    double now = xd_monotonic();
     const char *host = ev->from ? ev->from->domain : s ? xd_session_host(s) : NULL;
     rl_listener *l = s ? listener_get(r, xd_session_listener(s)) : NULL;
     const rl_limit *lip = limit_for(r, K_IP_AUTH, l, host);
@@ -779,7 +779,7 @@ on_register(xd_event *ev, void *data)
 {
     rl *r = data;
     xd_session *s = ev->session;
-    double now = xd_now();
+    double now = xd_monotonic();
     const char *host = ev->from ? ev->from->domain : s ? xd_session_host(s) : NULL;
     rl_listener *l = s ? listener_get(r, xd_session_listener(s)) : NULL;
     const rl_limit *lim = limit_for(r, K_IP_REG, l, host);
@@ -863,7 +863,7 @@ on_stanza(xd_event *ev, void *data)
 {
     rl *r = data;
     xd_session *s = ev->session;
-    double now = xd_now(), wait_by = 0, wait_st = 0, wait;
+    double now = xd_monotonic(), wait_by = 0, wait_st = 0, wait;
     uint64_t total;
     unsigned ms;
     rl_sess *ss;
@@ -899,7 +899,9 @@ on_stanza(xd_event *ev, void *data)
                 xd_session_peer(s), xd_session_type(s) == XD_STREAM_C2S ? "c2s" : "s2s",
                 r->abuse_held, r->abuse_window);
         xd_session_close(s, "policy-violation", "sending too fast for too long");
-        return XD_DROP; /* the stream is gone; so is the flood it was carrying */
+        /* This stanza was read before the verdict: it goes on like the others
+         * (nothing is dropped); the rest of the flood stays unread. */
+        return XD_PASS;
     }
     if (!ss->throttled && log_ok(&r->log_throttle, now, "streams throttled")) {
         char who[XD_JID_STR_MAX] = "";
@@ -920,7 +922,7 @@ static void
 sweep(void *data)
 {
     rl *r = data;
-    double now = xd_now();
+    double now = xd_monotonic();
     table_sweep(&r->addrs, now);
     table_sweep(&r->accounts, now);
     log_flush(&r->log_conn, now, "connections refused");

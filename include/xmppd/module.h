@@ -21,6 +21,7 @@
 
 #include <strophe.h>
 
+#include <xmppd/hashtab.h>
 #include <xmppd/jid.h>
 #include <xmppd/log.h>
 #include <xmppd/scram.h>
@@ -422,6 +423,7 @@ xd_io *xd_io_start(xd_module *m, int fd, int events, xd_io_fn fn, void *data);
 void xd_io_set(xd_io *io, int events); /* change what is watched (0: nothing) */
 void xd_io_stop(xd_io *io);            /* stop and free; the fd is not closed */
 double xd_now(void);                   /* the loop's current time, in seconds */
+double xd_monotonic(void); /* seconds on a clock that never steps back (rates, windows) */
 
 /* ---- the descriptor ------------------------------------------------------ */
 
