@@ -36,7 +36,10 @@
  * come first and the hourly limit reads only the last hour; the value is a
  * <record/> element (reporter, reported JID, time, the rebuilt <report/>).
  * Both live under the user's key prefix, so account removal purges them; an
- * unblock leaves the reports.  One transaction per request.
+ * unblock leaves the reports.  One transaction per request.  Once it is
+ * committed, XD_HOOK_BLOCKLIST_CHANGED runs for each JID that joined or left
+ * the list (once, with no JID, for "unblock all"), so modules that act on a
+ * block (mod_strangers) do nothing when the request is refused.
  *
  * Cost on the hot path: every client stanza (outbound) and every stanza to a
  * local account (inbound) is checked.  The blocklists of users with at least
@@ -1022,6 +1025,26 @@ forward_report(blk_conf *c, const report_ctx *r)
         forward_one(c, r, c->forward.v[i], c->forward_reporter);
 }
 
+/* XD_HOOK_BLOCKLIST_CHANGED, after the commit: other modules follow the
+ * list (mod_strangers deletes what it holds from a JID the user blocked).
+ * jid NULL: everything was unblocked. */
+static void
+announce_change(xd_event *req, const char *jid, unsigned blocked)
+{
+    xd_jid user = *req->to, who;
+    xd_event ev;
+
+    if (jid && xd_jid_parse(&who, jid) != 0)
+        return; /* stored prepared: cannot happen */
+    xd_jid_to_bare(&user);
+    memset(&ev, 0, sizeof(ev));
+    ev.session = req->session;
+    ev.from = &user;
+    ev.to = jid ? &who : NULL;
+    ev.flags = blocked;
+    xd_hooks_run(XD_HOOK_BLOCKLIST_CHANGED, &ev);
+}
+
 static int
 do_block(blk_conf *c, xd_event *ev, blk_user *u, const char *bare, xmpp_stanza_t *el)
 {
@@ -1133,6 +1156,9 @@ do_block(blk_conf *c, xd_event *ev, blk_user *u, const char *bare, xmpp_stanza_t
         c->announcing = 0;
     }
     xd_info("blocking: %s blocked %zu JID(s)", bare, added);
+    for (size_t i = 0; i < l.n; i++)
+        if (fresh[i])
+            announce_change(ev, fresh[i], 1);
     for (size_t i = 0; l.nrep && i < l.n; i++) {
         report_ctx r = {ev->to->domain, bare, l.v[i], when, l.rep[i]};
         if (!l.rep[i])
@@ -1153,11 +1179,20 @@ do_unblock(blk_conf *c, xd_event *ev, blk_user *u, const char *bare, xmpp_stanza
 {
     item_list l;
     xd_txn *txn = NULL;
+    unsigned char *was = NULL; /* per item: on the list before */
+    size_t had = u->n;
     int ok, all;
 
     if (items_parse(c, ev, el, &l, 0) != 0) /* a report on an unblock means nothing */
         return XD_HANDLED;
     all = l.n == 0; /* 3.5: no items means everything */
+    if (!all && !(was = calloc(l.n, 1))) {
+        items_free(&l);
+        reply_error(ev, "wait", "internal-server-error", NULL);
+        return XD_HANDLED;
+    }
+    for (size_t i = 0; !all && i < l.n; i++)
+        was[i] = (unsigned char)user_has(u, l.v[i]);
     ok = xd_txn_begin(&txn) == 0;
     if (all) {
         for (size_t i = 0; ok && i < u->n; i++) {
@@ -1178,6 +1213,7 @@ do_unblock(blk_conf *c, xd_event *ev, blk_user *u, const char *bare, xmpp_stanza
         xd_txn_abort(txn);
     if (!ok) {
         reply_error(ev, "wait", "internal-server-error", NULL);
+        free(was);
         items_free(&l);
         return XD_HANDLED;
     }
@@ -1189,6 +1225,12 @@ do_unblock(blk_conf *c, xd_event *ev, blk_user *u, const char *bare, xmpp_stanza
     xd_session_send(ev->session, xd_iq_result(ev->stanza));
     push(c, ev->to, "unblock", &l);
     xd_info("blocking: %s unblocked %s", bare, all ? "everything" : "some JIDs");
+    if (all && had)
+        announce_change(ev, NULL, 0);
+    for (size_t i = 0; !all && i < l.n; i++)
+        if (was[i])
+            announce_change(ev, l.v[i], 0);
+    free(was);
     items_free(&l);
     return XD_HANDLED;
 }

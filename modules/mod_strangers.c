@@ -16,7 +16,10 @@
  *
  * The user is told once per stranger (while that stranger has messages
  * held) with a notice, by default a normal message from the server's JID
- * (see send_notice for why not a subscription request), and may then:
+ * (see notice_send for why not a subscription request), at most one notice
+ * per notice_interval: strangers that write in between are named together
+ * in the next one, sent by a timer when the interval ends (at most
+ * NOTICE_NAMED of them by name, the rest counted).  The user may then:
  *   - accept: add the sender to the roster, accept its subscription request
  *     or ask for its presence (XD_HOOK_ROSTER_CHANGED: relation now known),
  *     write to it (the user started a conversation), or run the XEP-0050
@@ -25,30 +28,52 @@
  *     go through the normal path (MAM, carbons, offline storage).
  *   - reject: the XEP-0050 command "reject", denying the sender's
  *     subscription request (the roster relation drops back to none), or
- *     blocking the sender (XEP-0191 3.3): the held messages are deleted.
+ *     blocking the sender (XEP-0191 3.3, XD_HOOK_BLOCKLIST_CHANGED once
+ *     mod_blocking has committed the block): the held messages are deleted.
  *   - look: XEP-0050 commands "list" (senders) and "fetch" (a sender's
  *     messages, as a XEP-0004 result form).
- * Held messages are also dropped when they are older than max_age, and the
- * oldest go first when a user's quota is full; each is counted.
+ * No message is lost silently: when the user's quota is full the oldest
+ * held message makes room and goes back to its sender as a
+ * <resource-constraint/> error (RFC 6120 8.3.3.18, type wait); one not
+ * accepted within max_age goes back as <service-unavailable/> (type cancel:
+ * 8.3.3.19 forbids <recipient-unavailable/> towards an entity that may not
+ * know the user's availability, which a stranger may not).  Each is counted.
+ * Rejected messages (the user said no: the "reject" command, a denied
+ * request, a block) are deleted without an error, which would confirm to a
+ * spammer that the address is read.
  *
- * Re-holding a released message is avoided twice over: the relation check
- * passes once the sender is known (the roster change is committed before
- * the hook runs; an ad-hoc approval records the sender as known before
- * releasing), and while a release is routing, the module lets that one
- * user/sender pair through (routing is synchronous), with nothing in the
- * stanza that a sender could forge.
+ * A released message is not held again because the sender is known by
+ * the time it is routed: the roster change is committed before
+ * XD_HOOK_ROSTER_CHANGED runs, the user's reply and the "approve" command
+ * record the sender as known (and release nothing when that fails), and the
+ * catch-up at login releases only senders known for certain.
  *
  * Storage (Berkeley DB, one transaction per change, committed before the
  * sender's stanza counts as taken):
- *   strangers        "user\0" + 8-byte big-endian sequence
- *                      -> version (1), arrival time (8, Unix seconds, BE),
- *                         sender length (2, BE), sender bare JID, the
- *                         stanza's XML as received
- *   strangers_known  "user\0contact" -> time (8, BE): contacts the user
- *                      wrote to or accepted without a roster item
- * Both are keyed with the user's bare JID and a NUL, so an account's
- * records leave with it.  The sequence of a new record is one more than the
- * largest held for the user, so key order is arrival order.
+ *   strangers         "user\0" + 8-byte big-endian sequence
+ *                       -> version (1), arrival time (8, Unix seconds, BE),
+ *                          sender length (2, BE), sender bare JID, the
+ *                          stanza's XML as received
+ *   strangers_meta    "user\0" -> the user's account of them: version (1),
+ *                          records (4), bytes (8), next sequence (8), time
+ *                          of the last notice (8), senders not told yet (4)
+ *                     "user\0sender" -> version (1), records (4), told (1)
+ *   strangers_expiry  arrival time (8) + "user\0" + sequence (8) -> empty:
+ *                       the oldest first, so the sweep reads only what
+ *                       expired and starts where the last batch stopped
+ *   strangers_known   "user\0contact" -> time (8, BE): contacts the user
+ *                       wrote to or accepted without a roster item
+ * All but the expiry index are keyed with the user's bare JID and a NUL, so
+ * an account's records leave with it; its index entries are deleted on
+ * XD_HOOK_ACCOUNT_REMOVED (and the sweep drops any that point nowhere).
+ * Sequences only grow, so key order is arrival order.  The meta records
+ * make holding a message cost point reads (plus one positioned read per
+ * message that makes room), and a login one read when nothing is held (one
+ * short record per sender otherwise), instead of reading every held
+ * message; records written before they existed are counted once, when the
+ * user's meta record is first needed.  Listing, reading, accepting and
+ * rejecting read the user's held messages: the user asked, and the quota
+ * bounds them.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,7 +85,6 @@
 #define NS_DELAY "urn:xmpp:delay"
 #define NS_HINTS "urn:xmpp:hints"
 #define NS_DATA "jabber:x:data"
-#define NS_BLOCKING "urn:xmpp:blocking"
 #define NS_OMEMO_LEGACY "eu.siacs.conversations.axolotl"
 #define NS_OMEMO2 "urn:xmpp:omemo:2"
 #define NS_OX "urn:xmpp:openpgp:0"
@@ -74,22 +98,41 @@
 
 #define RECORD_VERSION 1
 #define RECORD_HEADER 11 /* version, time (8), sender length (2) */
+#define META_VERSION 1
+/* version, records (4), bytes (8), next sequence (8), last notice (8), untold (4) */
+#define USER_META_LEN 33
+#define SENDER_META_LEN 6 /* version, records (4), told (1) */
 #define SEQ_LEN 8
 #define TIME_LEN 8
 #define KEY_MAX (2 * XD_JID_STR_MAX + 2)
+#define HELD_KEY_MAX (XD_JID_STR_MAX + 1 + SEQ_LEN)
+#define INDEX_KEY_MAX (TIME_LEN + HELD_KEY_MAX)
 
-/* A command's session lives this long between its stages (XEP-0050 3.4). */
-#define SESSION_TTL 600
+/* XD_HOOK_BLOCKLIST_CHANGED flags: the JID was blocked (not unblocked). */
+#define BLOCKLIST_BLOCKED 1u
+
+/* A client's command session id, echoed back (XEP-0050 3.4). */
+#define SESSIONID_MAX 64
 /* Values one submitted form may carry: a list-multi of senders. */
 #define MAX_FORM_VALUES 100
 /* Bytes of message text one "fetch" answer carries, so the answer stays a
  * reasonable stanza whatever the quota; the rest shows once released. */
 #define FETCH_MAX_BYTES (256u * 1024u)
-/* Expired records deleted per sweep transaction. */
-#define SWEEP_BATCH 1000
+/* Senders a notice names; the others are counted (the "list" command has
+ * them all): a server message is a phishing vehicle for the JIDs in it. */
+#define NOTICE_NAMED 5
+/* One sweep step (one transaction, one event-loop callback): at most this
+ * many expired records and bytes; the next step follows shortly. */
+#define SWEEP_BATCH 128
+#define SWEEP_BATCH_BYTES (4u * 1024u * 1024u)
+#define SWEEP_STEP 0.05
 
 /* Relations that make a contact known (RFC 6121 2.1.2.5). */
 #define ROSTER_KNOWN (XD_ROSTER_ITEM | XD_ROSTER_FROM | XD_ROSTER_TO | XD_ROSTER_PENDING_OUT)
+
+/* What a returned message says to its sender. */
+#define TEXT_QUOTA "the recipient's queue of messages from unknown senders is full"
+#define TEXT_EXPIRED "not accepted by the recipient in time"
 
 enum { NOTICE_MESSAGE = 0, NOTICE_SUBSCRIBE, NOTICE_NONE };
 enum { CMD_LIST = 0, CMD_FETCH, CMD_APPROVE, CMD_REJECT, CMD_COUNT };
@@ -101,9 +144,20 @@ typedef struct command {
     int kind;
 } command;
 
+/* A user whose next notice waits for notice_interval to end.  What it will
+ * say is in storage (the senders not told yet): memory per user is this. */
+typedef struct pending {
+    struct pending *next; /* hash chain */
+    strangers *sp;
+    xd_timer *timer;
+    char user[]; /* bare JID */
+} pending;
+
 struct strangers {
     xd_module *m;
     xd_db *held; /* NULL under --check-config: the module then does nothing */
+    xd_db *meta;
+    xd_db *expiry;
     xd_db *known;
     int enabled;
     int exempt_local;
@@ -111,11 +165,13 @@ struct strangers {
     char **hosts; /* prepared domains it applies to; NULL: every served host */
     int nhosts;
     long long quota, quota_bytes, max_size, max_age, max_known, sweep_interval;
-    xd_timer *sweep;
-    unsigned char secret[32]; /* keys the ad-hoc session ids */
+    long long notice_interval;
+    xd_timer *sweep;      /* every sweep_interval */
+    xd_timer *sweep_next; /* the next step of a sweep that had more to do */
+    pending **pend;       /* users with a notice due later, by bare JID */
+    size_t npend_buckets, npend;
     unsigned long notice_seq;
-    /* the release being routed: its messages must not be held again */
-    const char *rel_user, *rel_sender;
+    unsigned long cmd_seq;
     command cmds[CMD_COUNT];
 };
 
@@ -246,7 +302,56 @@ add_delay(xmpp_stanza_t *st, const char *domain, long long when)
     xmpp_stanza_add_child_ex(st, d, 0);
 }
 
+static size_t
+hash_str(const char *s)
+{
+    size_t h = 1469598103934665603ull & (size_t)-1; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * (size_t)1099511628211ull;
+    return h;
+}
+
+/* "user\0" + a sub-key (a contact or sender bare JID). */
+static size_t
+sub_key(char *key, const char *prefix, size_t plen, const char *contact)
+{
+    size_t cl = strlen(contact);
+    memcpy(key, prefix, plen);
+    memcpy(key + plen, contact, cl);
+    return plen + cl;
+}
+
 /* ---- held records --------------------------------------------------------------------- */
+
+/* The parts of a stored record. */
+typedef struct rec_view {
+    long long when;
+    const char *sender; /* not NUL-terminated */
+    size_t slen;
+    const char *xml;
+    size_t xlen;
+} rec_view;
+
+/* 0 when the record is one this version reads, -1 otherwise. */
+static int
+rec_parse(const void *val, size_t vlen, rec_view *out)
+{
+    const unsigned char *v = val;
+    size_t slen;
+
+    if (vlen < RECORD_HEADER || v[0] != RECORD_VERSION)
+        return -1;
+    slen = (size_t)xd_db_get_be(v + 1 + TIME_LEN, 2);
+    if (slen == 0 || slen >= XD_JID_STR_MAX || RECORD_HEADER + slen >= vlen ||
+        memchr(v + RECORD_HEADER, '\0', slen))
+        return -1;
+    out->when = (long long)xd_db_get_be(v + 1, TIME_LEN);
+    out->sender = (const char *)v + RECORD_HEADER;
+    out->slen = slen;
+    out->xml = out->sender + slen;
+    out->xlen = vlen - RECORD_HEADER - slen;
+    return 0;
+}
 
 typedef struct held_rec {
     unsigned long long seq;
@@ -254,7 +359,7 @@ typedef struct held_rec {
     size_t vlen;
     char *sender; /* NULL: unreadable record (kept, never delivered) */
     char *xml;    /* only when asked for */
-    int gone;     /* deleted in the transaction at hand */
+    int gone;     /* to be deleted */
 } held_rec;
 
 typedef struct held_list {
@@ -264,8 +369,6 @@ typedef struct held_list {
     const char *only; /* this sender only (NULL: all) */
     int want_xml;
     int failed;
-    int any;
-    unsigned long long max_seq; /* of every record seen, for the next sequence */
 } held_list;
 
 static void
@@ -284,31 +387,24 @@ static int
 held_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
 {
     held_list *l = data;
-    const unsigned char *v = val;
     held_rec r;
-    size_t slen = 0;
+    rec_view rv;
     int readable;
 
     if (klen != l->plen + SEQ_LEN)
         return 0; /* not one of ours: leave it alone */
     memset(&r, 0, sizeof(r));
     r.seq = xd_db_get_be((const unsigned char *)key + l->plen, SEQ_LEN);
-    if (!l->any || r.seq > l->max_seq)
-        l->max_seq = r.seq;
-    l->any = 1;
     r.vlen = vlen;
-    readable = vlen >= RECORD_HEADER && v[0] == RECORD_VERSION &&
-               (slen = (size_t)xd_db_get_be(v + 1 + TIME_LEN, 2)) > 0 && slen < XD_JID_STR_MAX &&
-               RECORD_HEADER + slen < vlen && !memchr(v + RECORD_HEADER, '\0', slen);
+    readable = rec_parse(val, vlen, &rv) == 0;
     if (l->only &&
-        (!readable || strlen(l->only) != slen || memcmp(l->only, v + RECORD_HEADER, slen) != 0))
+        (!readable || strlen(l->only) != rv.slen || memcmp(l->only, rv.sender, rv.slen) != 0))
         return 0;
     if (readable) {
-        r.when = (long long)xd_db_get_be(v + 1, TIME_LEN);
-        if (!(r.sender = strndup((const char *)v + RECORD_HEADER, slen)))
+        r.when = rv.when;
+        if (!(r.sender = strndup(rv.sender, rv.slen)))
             goto oom;
-        if (l->want_xml &&
-            !(r.xml = strndup((const char *)v + RECORD_HEADER + slen, vlen - RECORD_HEADER - slen)))
+        if (l->want_xml && !(r.xml = strndup(rv.xml, rv.xlen)))
             goto oom;
     }
     if (l->n == l->cap) {
@@ -328,7 +424,9 @@ oom:
     return 1;
 }
 
-/* A user's held records (or one sender's), in arrival order.  0 ok, -1. */
+/* A user's held records (or one sender's), in arrival order.  0 ok, -1.
+ * For the user's own requests (list, read, accept, reject): bounded by the
+ * quota, and not on the path of every message. */
 static int
 held_load(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, const char *only,
           int want_xml, held_list *l)
@@ -344,40 +442,356 @@ held_load(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, const cha
     return 0;
 }
 
+/* ---- the account of what a user has held ---------------------------------------------- */
+
+typedef struct user_meta {
+    unsigned long count;         /* records held */
+    unsigned long long bytes;    /* their size */
+    unsigned long long next_seq; /* of the next record */
+    long long last_notice;       /* when the user was last told (0: never) */
+    unsigned long untold;        /* senders the user was not told about yet */
+} user_meta;
+
+/* 0, XD_NOTFOUND (also for a record this version cannot read), -1. */
 static int
-held_del(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, unsigned long long seq)
+meta_get(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um)
 {
-    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
-    memcpy(key, prefix, plen);
-    xd_db_put_be(key + plen, seq, SEQ_LEN);
-    return xd_db_del(sp->held, txn, key, plen + SEQ_LEN) < 0 ? -1 : 0;
+    unsigned char *v = NULL;
+    size_t vlen = 0;
+    int r = xd_db_get(sp->meta, txn, prefix, plen, (void **)&v, &vlen);
+
+    memset(um, 0, sizeof(*um));
+    if (r != 0)
+        return r < 0 ? -1 : XD_NOTFOUND;
+    if (vlen != USER_META_LEN || v[0] != META_VERSION) {
+        free(v);
+        return XD_NOTFOUND;
+    }
+    um->count = (unsigned long)xd_db_get_be(v + 1, 4);
+    um->bytes = xd_db_get_be(v + 5, 8);
+    um->next_seq = xd_db_get_be(v + 13, 8);
+    um->last_notice = (long long)xd_db_get_be(v + 21, 8);
+    um->untold = (unsigned long)xd_db_get_be(v + 29, 4);
+    free(v);
+    return 0;
 }
 
-/* Delete the records marked gone, in one transaction.  0 ok, -1. */
 static int
-held_delete_gone(strangers *sp, const char *prefix, size_t plen, held_list *l)
+meta_put(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, const user_meta *um)
 {
+    unsigned char v[USER_META_LEN];
+    v[0] = META_VERSION;
+    xd_db_put_be(v + 1, um->count, 4);
+    xd_db_put_be(v + 5, um->bytes, 8);
+    xd_db_put_be(v + 13, um->next_seq, 8);
+    xd_db_put_be(v + 21, (unsigned long long)um->last_notice, 8);
+    xd_db_put_be(v + 29, um->untold, 4);
+    return xd_db_put(sp->meta, txn, prefix, plen, v, sizeof(v)) == 0 ? 0 : -1;
+}
+
+/* A sender's count of held records (0: none) and whether the user was told. */
+static int
+sender_get(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, const char *sender,
+           unsigned long *count, int *told)
+{
+    char key[KEY_MAX];
+    unsigned char *v = NULL;
+    size_t vlen = 0;
+    int r = xd_db_get(sp->meta, txn, key, sub_key(key, prefix, plen, sender), (void **)&v, &vlen);
+
+    *count = 0;
+    *told = 0;
+    if (r < 0)
+        return -1;
+    if (r == 0 && vlen == SENDER_META_LEN && v[0] == META_VERSION) {
+        *count = (unsigned long)xd_db_get_be(v + 1, 4);
+        *told = v[5] != 0;
+    }
+    free(v);
+    return 0;
+}
+
+static int
+sender_put(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, const char *sender,
+           unsigned long count, int told)
+{
+    char key[KEY_MAX];
+    unsigned char v[SENDER_META_LEN];
+    size_t klen = sub_key(key, prefix, plen, sender);
+
+    if (!count)
+        return xd_db_del(sp->meta, txn, key, klen) < 0 ? -1 : 0;
+    v[0] = META_VERSION;
+    xd_db_put_be(v + 1, count, 4);
+    v[5] = told ? 1 : 0;
+    return xd_db_put(sp->meta, txn, key, klen, v, sizeof(v)) == 0 ? 0 : -1;
+}
+
+static size_t
+held_key(unsigned char *key, const char *prefix, size_t plen, unsigned long long seq)
+{
+    memcpy(key, prefix, plen);
+    xd_db_put_be(key + plen, seq, SEQ_LEN);
+    return plen + SEQ_LEN;
+}
+
+static size_t
+index_key(unsigned char *key, long long when, const char *prefix, size_t plen,
+          unsigned long long seq)
+{
+    xd_db_put_be(key, (unsigned long long)when, TIME_LEN);
+    return TIME_LEN + held_key(key + TIME_LEN, prefix, plen, seq);
+}
+
+/* Store a record and account for it.  *fresh: the sender had nothing held,
+ * so the user is yet to be told about it. */
+static int
+rec_add(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um, long long when,
+        const char *sender, const unsigned char *rec, size_t rlen, int *fresh)
+{
+    unsigned char key[HELD_KEY_MAX], ikey[INDEX_KEY_MAX];
+    unsigned long long seq = um->next_seq++;
+    unsigned long count;
+    int told;
+
+    if (xd_db_put(sp->held, txn, key, held_key(key, prefix, plen, seq), rec, rlen) != 0 ||
+        xd_db_put(sp->expiry, txn, ikey, index_key(ikey, when, prefix, plen, seq), NULL, 0) != 0 ||
+        sender_get(sp, txn, prefix, plen, sender, &count, &told) != 0)
+        return -1;
+    *fresh = count == 0;
+    if (*fresh) {
+        told = sp->notice == NOTICE_NONE; /* no notice will ever name it */
+        if (!told)
+            um->untold++;
+    }
+    um->count++;
+    um->bytes += rlen;
+    return sender_put(sp, txn, prefix, plen, sender, count + 1, told);
+}
+
+/* Delete a record (rv NULL: unreadable) and take it off the account. */
+static int
+rec_remove(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um,
+           unsigned long long seq, size_t vlen, const rec_view *rv)
+{
+    unsigned char key[HELD_KEY_MAX], ikey[INDEX_KEY_MAX];
+    char sender[XD_JID_STR_MAX];
+    unsigned long count;
+    int told;
+
+    if (xd_db_del(sp->held, txn, key, held_key(key, prefix, plen, seq)) < 0)
+        return -1;
+    um->count -= um->count > 0;
+    um->bytes -= vlen < um->bytes ? vlen : um->bytes;
+    if (!rv)
+        return 0; /* its index entry, if any, points nowhere now: the sweep drops it */
+    if (xd_db_del(sp->expiry, txn, ikey, index_key(ikey, rv->when, prefix, plen, seq)) < 0)
+        return -1;
+    memcpy(sender, rv->sender, rv->slen);
+    sender[rv->slen] = '\0';
+    if (sender_get(sp, txn, prefix, plen, sender, &count, &told) != 0)
+        return -1;
+    if (!count)
+        return 0;
+    if (count == 1 && !told && um->untold)
+        um->untold--; /* nothing left to tell about */
+    return sender_put(sp, txn, prefix, plen, sender, count - 1, told);
+}
+
+typedef struct rebuild {
+    strangers *sp;
     xd_txn *txn;
+    const char *prefix;
+    size_t plen;
+    user_meta *um;
+    int failed;
+} rebuild;
+
+static int
+rebuild_clear(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    rebuild *rb = data;
+    (void)val;
+    (void)vlen;
+    if (klen > rb->plen && xd_db_del(rb->sp->meta, rb->txn, key, klen) < 0) {
+        rb->failed = 1;
+        return 1;
+    }
+    return 0;
+}
+
+static int
+rebuild_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    rebuild *rb = data;
+    unsigned char ikey[INDEX_KEY_MAX];
+    char sender[XD_JID_STR_MAX];
+    unsigned long long seq;
+    unsigned long count;
+    rec_view rv;
+    int told;
+
+    if (klen != rb->plen + SEQ_LEN)
+        return 0;
+    seq = xd_db_get_be((const unsigned char *)key + rb->plen, SEQ_LEN);
+    if (seq >= rb->um->next_seq)
+        rb->um->next_seq = seq + 1;
+    rb->um->count++;
+    rb->um->bytes += vlen;
+    if (rec_parse(val, vlen, &rv) != 0)
+        return 0;
+    memcpy(sender, rv.sender, rv.slen);
+    sender[rv.slen] = '\0';
+    if (xd_db_put(rb->sp->expiry, rb->txn, ikey,
+                  index_key(ikey, rv.when, rb->prefix, rb->plen, seq), NULL, 0) != 0 ||
+        sender_get(rb->sp, rb->txn, rb->prefix, rb->plen, sender, &count, &told) != 0 ||
+        sender_put(rb->sp, rb->txn, rb->prefix, rb->plen, sender, count + 1, 1) != 0) {
+        rb->failed = 1;
+        return 1;
+    }
+    return 0;
+}
+
+/*
+ * The user's account, in txn.  Without one (no stranger ever wrote, or the
+ * records predate it, or it is unreadable) it is counted from the records:
+ * usually none, one cursor positioning; their senders count as told, as
+ * the version that stored them told the user at once.  The caller writes it
+ * back with its change.
+ */
+static int
+meta_load(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um)
+{
+    rebuild rb = {sp, txn, prefix, plen, um, 0};
+    int r = meta_get(sp, txn, prefix, plen, um);
+
+    if (r != XD_NOTFOUND)
+        return r;
+    if (xd_db_foreach(sp->meta, txn, prefix, plen, rebuild_clear, &rb) < 0 || rb.failed ||
+        xd_db_foreach(sp->held, txn, prefix, plen, rebuild_visit, &rb) < 0 || rb.failed)
+        return -1;
+    if (um->count)
+        xd_info("strangers: %s: counted %lu held message(s) without an account", prefix, um->count);
+    return 0;
+}
+
+/* The user's oldest record: a prefix scan stopped at the first key. */
+typedef struct oldest {
+    size_t plen;
+    unsigned long long seq;
+    void *val;
+    size_t vlen;
+} oldest;
+
+static int
+oldest_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    oldest *o = data;
+    if (klen != o->plen + SEQ_LEN)
+        return 0;
+    if (!(o->val = malloc(vlen ? vlen : 1)))
+        return -1;
+    memcpy(o->val, val, vlen);
+    o->vlen = vlen;
+    o->seq = xd_db_get_be((const unsigned char *)key + o->plen, SEQ_LEN);
+    return 1;
+}
+
+/* Delete the records of l marked gone, in one transaction.  0 ok, -1. */
+static int
+held_remove_gone(strangers *sp, const char *prefix, size_t plen, held_list *l)
+{
+    user_meta um;
+    xd_txn *txn;
+
     if (xd_txn_begin(&txn) != 0)
         return -1;
-    for (size_t i = 0; i < l->n; i++)
-        if (l->v[i].gone && held_del(sp, txn, prefix, plen, l->v[i].seq) != 0) {
-            xd_txn_abort(txn);
+    if (meta_load(sp, txn, prefix, plen, &um) != 0)
+        goto fail;
+    for (size_t i = 0; i < l->n; i++) {
+        held_rec *r = &l->v[i];
+        rec_view rv = {r->when, r->sender, r->sender ? strlen(r->sender) : 0, NULL, 0};
+        if (r->gone &&
+            rec_remove(sp, txn, prefix, plen, &um, r->seq, r->vlen, r->sender ? &rv : NULL) != 0)
+            goto fail;
+    }
+    if (meta_put(sp, txn, prefix, plen, &um) != 0)
+        goto fail;
+    return xd_txn_commit(txn) == 0 ? 0 : -1;
+fail:
+    xd_txn_abort(txn);
+    return -1;
+}
+
+/* ---- returning messages to their senders ---------------------------------------------- */
+
+enum { BOUNCE_QUOTA = 0, BOUNCE_EXPIRED };
+
+/* Errors to send once the deletion they report is committed: a sender is
+ * never told "not delivered" about a message that is still held. */
+typedef struct bounce_list {
+    xmpp_stanza_t **v;
+    unsigned char *why;
+    size_t n, cap;
+} bounce_list;
+
+/* Rebuild the stored stanza to answer its sender.  One that cannot be read
+ * cannot be answered: the log says so.  0 ok, -1 out of memory (the caller
+ * then gives up the change, and nothing is lost). */
+static int
+bounce_add(bounce_list *b, const char *xml, size_t xlen, int why, const char *user)
+{
+    xmpp_stanza_t *st = xml ? xd_stanza_parse(xml, xlen) : NULL;
+    const char *name = st ? xmpp_stanza_get_name(st) : NULL;
+
+    if (!name || strcmp(name, "message") != 0) {
+        xd_error("strangers: %s: an unreadable held message was %s; its sender cannot be told",
+                 user, why == BOUNCE_QUOTA ? "dropped" : "expired");
+        if (st)
+            xmpp_stanza_release(st);
+        return 0;
+    }
+    if (b->n == b->cap) {
+        size_t nc = b->cap ? 2 * b->cap : 8;
+        xmpp_stanza_t **nv = realloc(b->v, nc * sizeof(*nv));
+        unsigned char *nw = nv ? realloc(b->why, nc) : NULL;
+        if (nv)
+            b->v = nv;
+        if (!nw) {
+            xmpp_stanza_release(st);
             return -1;
         }
-    return xd_txn_commit(txn) == 0 ? 0 : -1;
+        b->why = nw;
+        b->cap = nc;
+    }
+    b->v[b->n] = st;
+    b->why[b->n++] = (unsigned char)why;
+    return 0;
+}
+
+static void
+bounce_discard(bounce_list *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        xmpp_stanza_release(b->v[i]);
+    free(b->v);
+    free(b->why);
+    memset(b, 0, sizeof(*b));
+}
+
+static void
+bounce_send(bounce_list *b)
+{
+    for (size_t i = 0; i < b->n; i++) {
+        if (b->why[i] == BOUNCE_QUOTA)
+            xd_bounce(b->v[i], "wait", "resource-constraint", TEXT_QUOTA);
+        else
+            xd_bounce(b->v[i], "cancel", "service-unavailable", TEXT_EXPIRED);
+    }
+    bounce_discard(b);
 }
 
 /* ---- known contacts ------------------------------------------------------------------- */
-
-static size_t
-known_key(char *key, const char *prefix, size_t plen, const char *contact)
-{
-    size_t cl = strlen(contact);
-    memcpy(key, prefix, plen);
-    memcpy(key + plen, contact, cl);
-    return plen + cl;
-}
 
 /* 1 known, 0 not, -1 storage error. */
 static int
@@ -386,7 +800,7 @@ known_has(strangers *sp, const char *prefix, size_t plen, const char *contact)
     char key[KEY_MAX];
     void *val = NULL;
     size_t vlen;
-    int r = xd_db_get(sp->known, NULL, key, known_key(key, prefix, plen, contact), &val, &vlen);
+    int r = xd_db_get(sp->known, NULL, key, sub_key(key, prefix, plen, contact), &val, &vlen);
     free(val);
     return r == 0 ? 1 : r == XD_NOTFOUND ? 0 : -1;
 }
@@ -421,7 +835,7 @@ static int
 known_add(strangers *sp, const char *prefix, size_t plen, const char *contact)
 {
     char key[KEY_MAX];
-    size_t klen = known_key(key, prefix, plen, contact);
+    size_t klen = sub_key(key, prefix, plen, contact);
     unsigned char when[TIME_LEN];
     void *val = NULL;
     size_t vlen;
@@ -459,41 +873,434 @@ fail:
     return -1;
 }
 
-/* Is sender (bare) someone the user (bare) receives messages from?  A
- * storage error counts as known: deliver rather than lose or hold wrongly. */
+/* Does the user (bare) receive messages from sender (bare)?  1 known, 0 a
+ * stranger, -1 cannot tell (no roster module, or a storage error). */
 static int
-is_known(strangers *sp, const xd_jid *user, const xd_jid *sender, const char *prefix, size_t plen,
-         const char *sender_str)
+known_state(strangers *sp, const xd_jid *user, const xd_jid *sender, const char *prefix,
+            size_t plen, const char *sender_str)
 {
     int r = xd_roster_relation(user, sender);
-    if (r < 0)
-        return 1; /* no roster module: nobody can be told apart, so nobody is a stranger */
-    if (r & ROSTER_KNOWN)
+    if (r >= 0 && (r & ROSTER_KNOWN))
         return 1;
-    return known_has(sp, prefix, plen, sender_str) != 0;
+    if (r < 0)
+        return -1;
+    return known_has(sp, prefix, plen, sender_str);
+}
+
+/* ---- the notice ----------------------------------------------------------------------- */
+
+/* Senders a notice is about: the first NOTICE_NAMED by name. */
+typedef struct notice_batch {
+    char *jids[NOTICE_NAMED];
+    size_t named;
+    unsigned long total;
+} notice_batch;
+
+static void
+batch_free(notice_batch *nb)
+{
+    for (size_t i = 0; i < nb->named; i++)
+        free(nb->jids[i]);
+    memset(nb, 0, sizeof(*nb));
+}
+
+static int
+notice_due(const strangers *sp, const user_meta *um, long long now)
+{
+    /* a clock set back counts as due: better one notice early than none */
+    return sp->notice_interval == 0 || um->last_notice == 0 || now < um->last_notice ||
+           now >= um->last_notice + sp->notice_interval;
+}
+
+static long long
+notice_wait(const strangers *sp, const user_meta *um, long long now)
+{
+    long long w = um->last_notice + sp->notice_interval - now;
+    return w > 0 ? w : 1;
+}
+
+typedef struct untold_scan {
+    size_t plen;
+    char **jids;
+    unsigned long *counts;
+    size_t n, cap;
+    int failed;
+} untold_scan;
+
+static int
+untold_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    untold_scan *u = data;
+    const unsigned char *v = val;
+    if (klen <= u->plen || vlen != SENDER_META_LEN || v[0] != META_VERSION || v[5])
+        return 0; /* the user's own record, or a sender already told about */
+    if (u->n == u->cap) {
+        size_t nc = u->cap ? 2 * u->cap : 16;
+        char **nj = realloc(u->jids, nc * sizeof(*nj));
+        unsigned long *ncnt = nj ? realloc(u->counts, nc * sizeof(*ncnt)) : NULL;
+        if (nj)
+            u->jids = nj;
+        if (!ncnt) {
+            u->failed = 1;
+            return 1;
+        }
+        u->counts = ncnt;
+        u->cap = nc;
+    }
+    if (!(u->jids[u->n] = strndup((const char *)key + u->plen, klen - u->plen))) {
+        u->failed = 1;
+        return 1;
+    }
+    u->counts[u->n++] = (unsigned long)xd_db_get_be(v + 1, 4);
+    return 0;
+}
+
+/*
+ * In txn: the senders the user was not told about go into a notice and are
+ * marked told; the notice is sent after the commit.  fresh, when it is the
+ * only one (a new stranger while nothing else waits, the usual case), saves
+ * the scan of the user's senders.
+ */
+static int
+batch_take(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um,
+           long long now, const char *fresh, notice_batch *nb)
+{
+    untold_scan u = {plen, NULL, NULL, 0, 0, 0};
+    int r = 0;
+
+    memset(nb, 0, sizeof(*nb));
+    if (fresh && um->untold == 1) {
+        if (!(nb->jids[0] = strdup(fresh)) || sender_put(sp, txn, prefix, plen, fresh, 1, 1) != 0) {
+            batch_free(nb);
+            return -1;
+        }
+        nb->named = nb->total = 1;
+    } else {
+        if (xd_db_foreach(sp->meta, txn, prefix, plen, untold_visit, &u) < 0 || u.failed)
+            r = -1;
+        for (size_t i = 0; r == 0 && i < u.n; i++)
+            r = sender_put(sp, txn, prefix, plen, u.jids[i], u.counts[i], 1);
+        for (size_t i = 0; i < u.n; i++) {
+            if (r == 0 && nb->named < NOTICE_NAMED)
+                nb->jids[nb->named++] = u.jids[i];
+            else
+                free(u.jids[i]);
+        }
+        free(u.jids);
+        free(u.counts);
+        if (r != 0) {
+            batch_free(nb);
+            return -1;
+        }
+        nb->total = (unsigned long)u.n;
+    }
+    um->untold = 0;
+    if (nb->total)
+        um->last_notice = now;
+    return 0;
+}
+
+static void
+format_age(long long secs, char *buf, size_t len)
+{
+    if (secs % 86400 == 0)
+        snprintf(buf, len, "%lld day%s", secs / 86400, secs == 86400 ? "" : "s");
+    else if (secs % 3600 == 0)
+        snprintf(buf, len, "%lld hour%s", secs / 3600, secs == 3600 ? "" : "s");
+    else if (secs % 60 == 0)
+        snprintf(buf, len, "%lld minute%s", secs / 60, secs == 60 ? "" : "s");
+    else
+        snprintf(buf, len, "%lld second%s", secs, secs == 1 ? "" : "s");
+}
+
+/* The closing sentences every notice has: what happens if the user does nothing. */
+static void
+notice_tail(const strangers *sp, char *buf, size_t len)
+{
+    char age[48], every[48];
+    size_t n = 0;
+    buf[0] = '\0';
+    if (sp->max_age > 0) {
+        format_age(sp->max_age, age, sizeof(age));
+        n = (size_t)snprintf(buf, len,
+                             " Held messages you do not accept within %s are returned to their "
+                             "senders.",
+                             age);
+    }
+    if (sp->notice_interval > 0 && n < len) {
+        format_age(sp->notice_interval, every, sizeof(every));
+        snprintf(buf + n, len - n,
+                 " You are told about new senders at most once every %s; the command \"List "
+                 "senders of held messages\" always has them all.",
+                 every);
+    }
+}
+
+static void
+notice_message(strangers *sp, const char *user, const char *domain, const char *body)
+{
+    char id[64];
+    xmpp_stanza_t *st;
+    snprintf(id, sizeof(id), "strangers-%lx-%lu", (unsigned long)time(NULL), ++sp->notice_seq);
+    st = xmpp_message_new(xd_ctx(), "normal", user, id);
+    xmpp_stanza_set_from(st, domain);
+    xmpp_stanza_add_child_ex(st, text_el("body", NULL, body), 0);
+    /* XEP-0334: worth archiving, whatever the archive's preferences */
+    xmpp_stanza_add_child_ex(st, xd_stanza_new("store", NS_HINTS), 0);
+    xd_route(st);
+    xd_count(sp->m, "notices", 1);
+}
+
+/*
+ * Tell the user about the senders of a batch.
+ *
+ * The default is a message of type normal from the server's JID, not a
+ * <presence type='subscribe'/> in the stranger's name, although every
+ * client (Conversations, Gajim, Dino) shows the latter as a contact
+ * request with accept/deny buttons:
+ *  - a subscription request the stranger never sent would be a forgery:
+ *    mod_roster records it as the stranger's pending request, accepting it
+ *    grants the stranger the user's presence (RFC 6121 3.1.5, a FROM
+ *    subscription the user only meant as "let me read this") and sends the
+ *    stranger a 'subscribed' it never asked for;
+ *  - a message with a body from the server's JID is shown as a
+ *    conversation by all three clients, goes through the normal path (it
+ *    is stored offline when the user is away, archived, copied to the other
+ *    resources), while a headline would be dropped for an offline user
+ *    (RFC 6121 8.5.2.1.1) and is not shown by Dino;
+ *  - its text names the ways to accept, with XEP-0147 URIs that the clients
+ *    make clickable: xmpp:sender?roster opens the add-contact dialog, and
+ *    adding the contact is an approval (XD_HOOK_ROSTER_CHANGED).
+ * An operator who prefers the contact-request buttons sets
+ * notice = "subscribe" (the request is routed through mod_roster like a
+ * real one) for a batch of one; several senders at once get the summary
+ * message all the same, as a burst of contact requests is the flood that
+ * notice_interval is there to stop.  "none" sends nothing (the commands
+ * still list the senders).
+ */
+static void
+notice_send(strangers *sp, const char *user, const char *domain, const notice_batch *nb)
+{
+    char tail[512], *body;
+    size_t blen, off;
+
+    if (sp->notice == NOTICE_NONE || !nb->total || !nb->named)
+        return;
+    notice_tail(sp, tail, sizeof(tail));
+    if (nb->total == 1) {
+        const char *sender = nb->jids[0];
+        if (sp->notice == NOTICE_SUBSCRIBE) {
+            xmpp_stanza_t *st = xmpp_presence_new(xd_ctx());
+            xmpp_stanza_set_type(st, "subscribe");
+            xmpp_stanza_set_from(st, sender);
+            xmpp_stanza_set_to(st, user);
+            xd_route(st);
+            xd_count(sp->m, "notices", 1);
+            return;
+        }
+        blen = 4 * strlen(sender) + 2 * strlen(domain) + sizeof(tail) + 1024;
+        if (!(body = malloc(blen)))
+            return;
+        snprintf(body, blen,
+                 "%s, who is not in your contact list, sent you a message. It is held by the "
+                 "server and you will not see it until you accept the sender:\n"
+                 "- add %s to your contacts (xmpp:%s?roster), or accept their contact request, "
+                 "or write to them; or\n"
+                 "- run the command \"Accept held messages\" of %s "
+                 "(xmpp:%s?command;node=" NODE_APPROVE ").\n"
+                 "The command \"Read held messages\" shows them without accepting the sender. "
+                 "Blocking %s or the command \"Reject held messages\" deletes them.%s",
+                 sender, sender, sender, domain, domain, sender, tail);
+        notice_message(sp, user, domain, body);
+        free(body);
+        return;
+    }
+    blen = 3 * strlen(domain) + sizeof(tail) + 1024;
+    for (size_t i = 0; i < nb->named; i++)
+        blen += strlen(nb->jids[i]) + 2;
+    if (!(body = malloc(blen)))
+        return;
+    off = (size_t)snprintf(
+        body, blen, "%lu senders who are not in your contact list wrote to you: ", nb->total);
+    for (size_t i = 0; i < nb->named && off < blen; i++)
+        off += (size_t)snprintf(body + off, blen - off, "%s%s", i ? ", " : "", nb->jids[i]);
+    if (nb->total > nb->named && off < blen)
+        off += (size_t)snprintf(body + off, blen - off, " and %lu more",
+                                nb->total - (unsigned long)nb->named);
+    if (off < blen)
+        snprintf(body + off, blen - off,
+                 ". They are held by the server and you will not see them until you accept "
+                 "their senders:\n"
+                 "- add a sender to your contacts, or accept their contact request, or write to "
+                 "them; or\n"
+                 "- run the command \"Accept held messages\" of %s "
+                 "(xmpp:%s?command;node=" NODE_APPROVE ").\n"
+                 "The command \"List senders of held messages\" "
+                 "(xmpp:%s?command;node=" NODE_LIST ") shows every sender, \"Read held "
+                 "messages\" what they wrote. Blocking a sender or the command \"Reject held "
+                 "messages\" deletes their messages.%s",
+                 domain, domain, domain, tail);
+    notice_message(sp, user, domain, body);
+    free(body);
+}
+
+/* ---- notices that wait for the interval to end ------------------------------------------ */
+
+static pending **
+pend_slot(strangers *sp, const char *user)
+{
+    pending **pp = &sp->pend[hash_str(user) & (sp->npend_buckets - 1)];
+    while (*pp && strcmp((*pp)->user, user) != 0)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+/* Double the table when it gets crowded; on failure keep the old one. */
+static void
+pend_grow(strangers *sp)
+{
+    size_t nb = sp->npend_buckets ? 2 * sp->npend_buckets : 64;
+    pending **b = calloc(nb, sizeof(*b));
+    if (!b)
+        return;
+    for (size_t i = 0; i < sp->npend_buckets; i++)
+        for (pending *p = sp->pend[i], *next; p; p = next) {
+            size_t h = hash_str(p->user) & (nb - 1);
+            next = p->next;
+            p->next = b[h];
+            b[h] = p;
+        }
+    free(sp->pend);
+    sp->pend = b;
+    sp->npend_buckets = nb;
+}
+
+static void pend_fire(void *data);
+
+/* Send the user's waiting notice in `wait` seconds, unless a timer is set
+ * already.  Without one (out of memory) it goes at the user's next login or
+ * next held message. */
+static void
+pend_arm(strangers *sp, const char *user, long long wait)
+{
+    size_t ul = strlen(user);
+    pending **pp, *p;
+
+    if (sp->npend >= 2 * sp->npend_buckets)
+        pend_grow(sp);
+    if (!sp->npend_buckets || *(pp = pend_slot(sp, user)))
+        return;
+    if (!(p = calloc(1, sizeof(*p) + ul + 1)))
+        return;
+    memcpy(p->user, user, ul + 1);
+    p->sp = sp;
+    if (!(p->timer = xd_timer_start(sp->m, (double)wait, 0, pend_fire, p))) {
+        free(p);
+        return;
+    }
+    *pp = p;
+    sp->npend++;
+}
+
+static void
+pend_drop(strangers *sp, const char *user)
+{
+    pending **pp, *p;
+    if (!sp->npend_buckets || !(p = *(pp = pend_slot(sp, user))))
+        return;
+    *pp = p->next;
+    sp->npend--;
+    xd_timer_stop(p->timer);
+    free(p);
+}
+
+/* Send the notice the user is owed, if it is due (otherwise wait for it). */
+static void
+notice_flush(strangers *sp, const char *user_s)
+{
+    char prefix[XD_JID_STR_MAX + 1];
+    long long now = (long long)time(NULL);
+    notice_batch nb;
+    user_meta um;
+    xd_jid user;
+    xd_txn *txn;
+    size_t plen;
+
+    if (parse_bare(user_s, &user) != 0 ||
+        !(plen = xd_db_user_prefix(&user, prefix, sizeof(prefix))))
+        return;
+    if (xd_txn_begin(&txn) != 0)
+        return;
+    if (meta_get(sp, txn, prefix, plen, &um) != 0 || !um.untold) {
+        xd_txn_abort(txn);
+        return;
+    }
+    if (!notice_due(sp, &um, now)) {
+        xd_txn_abort(txn);
+        pend_arm(sp, user_s, notice_wait(sp, &um, now));
+        return;
+    }
+    if (batch_take(sp, txn, prefix, plen, &um, now, NULL, &nb) != 0) {
+        xd_txn_abort(txn);
+        xd_error("strangers: %s: could not take the senders to tell about", user_s);
+        return;
+    }
+    if (meta_put(sp, txn, prefix, plen, &um) != 0) {
+        xd_txn_abort(txn);
+        batch_free(&nb);
+        return;
+    }
+    if (xd_txn_commit(txn) == 0)
+        notice_send(sp, user_s, user.domain, &nb);
+    batch_free(&nb);
+}
+
+static void
+pend_fire(void *data)
+{
+    pending *p = data;
+    strangers *sp = p->sp;
+    pending **pp = pend_slot(sp, p->user);
+
+    if (*pp == p) {
+        *pp = p->next;
+        sp->npend--;
+    }
+    p->timer = NULL; /* a one-shot timer is spent once it fired */
+    notice_flush(sp, p->user);
+    free(p);
 }
 
 /* ---- holding -------------------------------------------------------------------------- */
 
-enum { HOLD_ERROR = -1, HOLD_OK = 0, HOLD_FIRST = 1, HOLD_TOO_BIG = 2 };
+enum { HOLD_ERROR = -1, HOLD_OK = 0, HOLD_TOO_BIG = 2 };
 
-/* Store st for user (bare) from sender (bare string), in one transaction:
- * expired records go, then the oldest until the new one fits the quota. */
+/*
+ * Store st for user (bare) from sender (bare string), in one transaction:
+ * the oldest records make room first (expired ones are the oldest), each
+ * returned to its sender once the transaction is committed.  When the user
+ * is due a notice, *nb gets its senders; otherwise *wait says in how many
+ * seconds one is due (0: none waits).  Point reads and writes only, plus a
+ * prefix positioning per record that makes room.
+ */
 static int
-hold(strangers *sp, const xd_jid *user, const char *sender, xmpp_stanza_t *st)
+hold(strangers *sp, const xd_jid *user, const char *sender, xmpp_stanza_t *st, notice_batch *nb,
+     long long *wait)
 {
     char prefix[XD_JID_STR_MAX + 1];
     size_t plen = xd_db_user_prefix(user, prefix, sizeof(prefix));
-    unsigned char key[sizeof(prefix) + SEQ_LEN], *rec = NULL;
     size_t slen = strlen(sender), tlen = 0, rlen;
-    unsigned long count = 0, nexp = 0, ndrop = 0;
-    unsigned long long bytes = 0;
+    unsigned long nexp = 0, ndrop = 0;
+    unsigned char *rec = NULL;
     char *text = NULL;
     long long now = (long long)time(NULL);
-    int had = 0, ret = HOLD_ERROR;
+    bounce_list b = {0};
     xd_txn *txn = NULL;
-    held_list l;
+    user_meta um;
+    int fresh = 0, ret = HOLD_ERROR;
 
+    memset(nb, 0, sizeof(*nb));
+    *wait = 0;
     if (!plen || slen == 0 || slen > 0xffff)
         return HOLD_ERROR;
     if (xmpp_stanza_to_text(st, &text, &tlen) != XMPP_EOK || !text)
@@ -516,157 +1323,82 @@ hold(strangers *sp, const xd_jid *user, const char *sender, xmpp_stanza_t *st)
 
     if (xd_txn_begin(&txn) != 0)
         goto out;
-    if (held_load(sp, txn, prefix, plen, NULL, 0, &l) != 0)
+    if (meta_load(sp, txn, prefix, plen, &um) != 0)
         goto abort;
-    for (size_t i = 0; i < l.n; i++) {
-        held_rec *r = &l.v[i];
-        if (r->sender && expired(sp, r->when, now)) {
-            if (held_del(sp, txn, prefix, plen, r->seq) != 0)
-                goto abort_list;
-            r->gone = 1;
-            nexp++;
-            continue;
+    while ((long long)um.count + 1 > sp->quota || (long long)(um.bytes + rlen) > sp->quota_bytes) {
+        oldest o = {plen, 0, NULL, 0};
+        rec_view rv;
+        int readable, old, r;
+        if ((r = xd_db_foreach(sp->held, txn, prefix, plen, oldest_visit, &o)) < 0)
+            goto abort;
+        if (r == 0) {
+            /* nothing left: the account was wrong; now it is right */
+            um.count = 0;
+            um.bytes = 0;
+            break;
         }
-        count++;
-        bytes += r->vlen;
-        if (r->sender && !strcmp(r->sender, sender))
-            had = 1; /* told already: its earlier messages are (or were) held */
+        readable = rec_parse(o.val, o.vlen, &rv) == 0;
+        old = readable && expired(sp, rv.when, now);
+        if (bounce_add(&b, readable ? rv.xml : NULL, readable ? rv.xlen : 0,
+                       old ? BOUNCE_EXPIRED : BOUNCE_QUOTA, prefix) != 0 ||
+            rec_remove(sp, txn, prefix, plen, &um, o.seq, o.vlen, readable ? &rv : NULL) != 0) {
+            free(o.val);
+            goto abort;
+        }
+        if (old) {
+            nexp++;
+        } else {
+            ndrop++;
+            xd_info("strangers: %s: quota full, returned the oldest held message to %.*s", prefix,
+                    readable ? (int)rv.slen : 1, readable ? rv.sender : "?");
+        }
+        free(o.val);
     }
-    /* the oldest first, until the new one fits (key order is arrival order) */
-    for (size_t i = 0; i < l.n && ((long long)count + 1 > sp->quota ||
-                                   (long long)(bytes + rlen) > sp->quota_bytes);
-         i++) {
-        held_rec *r = &l.v[i];
-        if (r->gone)
-            continue;
-        if (held_del(sp, txn, prefix, plen, r->seq) != 0)
-            goto abort_list;
-        r->gone = 1;
-        count--;
-        bytes -= r->vlen;
-        ndrop++;
-        xd_info("strangers: %s: quota full, dropped the oldest held message (from %s)", prefix,
-                r->sender ? r->sender : "?");
-    }
-    memcpy(key, prefix, plen);
-    xd_db_put_be(key + plen, l.any ? l.max_seq + 1 : 0, SEQ_LEN);
-    if (xd_db_put(sp->held, txn, key, plen + SEQ_LEN, rec, rlen) != 0)
-        goto abort_list;
-    held_free(&l);
+    if (rec_add(sp, txn, prefix, plen, &um, now, sender, rec, rlen, &fresh) != 0)
+        goto abort;
+    if (um.untold && notice_due(sp, &um, now) &&
+        batch_take(sp, txn, prefix, plen, &um, now, fresh ? sender : NULL, nb) != 0)
+        goto abort;
+    if (meta_put(sp, txn, prefix, plen, &um) != 0)
+        goto abort;
     /* the commit is durable: only now may the sender's message count as taken */
-    if (xd_txn_commit(txn) == 0) {
-        ret = had ? HOLD_OK : HOLD_FIRST;
-        if (nexp)
-            xd_count(sp->m, "expired", nexp);
-        if (ndrop)
-            xd_count(sp->m, "dropped", ndrop);
+    if (xd_txn_commit(txn) != 0) {
+        batch_free(nb);
+        bounce_discard(&b);
+        goto out;
     }
+    bounce_send(&b);
+    ret = HOLD_OK;
+    if (um.untold)
+        *wait = notice_wait(sp, &um, now);
+    if (nexp)
+        xd_count(sp->m, "expired", nexp);
+    if (ndrop)
+        xd_count(sp->m, "dropped", ndrop);
     goto out;
-abort_list:
-    held_free(&l);
 abort:
+    batch_free(nb);
+    bounce_discard(&b);
     xd_txn_abort(txn);
 out:
     free(rec);
     return ret;
 }
 
-/* ---- the notice ----------------------------------------------------------------------- */
-
-static void
-format_age(long long secs, char *buf, size_t len)
-{
-    if (secs % 86400 == 0)
-        snprintf(buf, len, "%lld day%s", secs / 86400, secs == 86400 ? "" : "s");
-    else if (secs % 3600 == 0)
-        snprintf(buf, len, "%lld hour%s", secs / 3600, secs == 3600 ? "" : "s");
-    else
-        snprintf(buf, len, "%lld second%s", secs, secs == 1 ? "" : "s");
-}
-
-/*
- * Tell the user, once per stranger, that messages are held.
- *
- * The default is a message of type normal from the server's JID, not a
- * <presence type='subscribe'/> in the stranger's name, although every
- * client (Conversations, Gajim, Dino) shows the latter as a contact
- * request with accept/deny buttons:
- *  - a subscription request the stranger never sent would be a forgery:
- *    mod_roster records it as the stranger's pending request, accepting it
- *    grants the stranger the user's presence (RFC 6121 3.1.5, a FROM
- *    subscription the user only meant as "let me read this") and sends the
- *    stranger a 'subscribed' it never asked for;
- *  - a message with a body from the server's JID is shown as a
- *    conversation by all three clients, goes through the normal path (it
- *    is stored offline when the user is away, archived, copied to the other
- *    resources), while a headline would be dropped for an offline user
- *    (RFC 6121 8.5.2.1.1) and is not shown by Dino;
- *  - its text names the ways to accept, with XEP-0147 URIs that the clients
- *    make clickable: xmpp:sender?roster opens the add-contact dialog, and
- *    adding the contact is an approval (XD_HOOK_ROSTER_CHANGED).
- * An operator who prefers the contact-request buttons sets
- * notice = "subscribe" (the request is routed through mod_roster like a
- * real one); "none" sends nothing (the commands still list the senders).
- */
-static void
-send_notice(strangers *sp, const char *user, const char *sender, const char *domain)
-{
-    char id[64], age[48], *body;
-    size_t blen;
-    xmpp_stanza_t *st;
-
-    if (sp->notice == NOTICE_NONE)
-        return;
-    if (sp->notice == NOTICE_SUBSCRIBE) {
-        st = xmpp_presence_new(xd_ctx());
-        xmpp_stanza_set_type(st, "subscribe");
-        xmpp_stanza_set_from(st, sender);
-        xmpp_stanza_set_to(st, user);
-        xd_route(st);
-        xd_count(sp->m, "notices", 1);
-        return;
-    }
-    if (sp->max_age > 0)
-        format_age(sp->max_age, age, sizeof(age));
-    blen = 4 * strlen(sender) + 2 * strlen(domain) + 1024;
-    if (!(body = malloc(blen)))
-        return;
-    snprintf(body, blen,
-             "%s, who is not in your contact list, sent you a message. It is held by the server "
-             "and you will not see it until you accept the sender:\n"
-             "- add %s to your contacts (xmpp:%s?roster), or accept their contact request, or "
-             "write to them; or\n"
-             "- run the command \"Accept held messages\" of %s "
-             "(xmpp:%s?command;node=" NODE_APPROVE ").\n"
-             "The command \"Read held messages\" shows them without accepting the sender. "
-             "Blocking %s or the command \"Reject held messages\" deletes them.%s%s%s",
-             sender, sender, sender, domain, domain, sender,
-             sp->max_age > 0 ? " Held messages are deleted after " : "", sp->max_age > 0 ? age : "",
-             sp->max_age > 0 ? "." : "");
-    snprintf(id, sizeof(id), "strangers-%lx-%lu", (unsigned long)time(NULL), ++sp->notice_seq);
-    st = xmpp_message_new(xd_ctx(), "normal", user, id);
-    xmpp_stanza_set_from(st, domain);
-    xmpp_stanza_add_child_ex(st, text_el("body", NULL, body), 0);
-    /* XEP-0334: worth archiving, whatever the archive's preferences */
-    xmpp_stanza_add_child_ex(st, xd_stanza_new("store", NS_HINTS), 0);
-    free(body);
-    xd_route(st);
-    xd_count(sp->m, "notices", 1);
-}
-
 /* ---- releasing and deleting ----------------------------------------------------------- */
 
 /* Route the held messages from sender (bare) to user (bare) again, oldest
- * first, each with a <delay/>; then delete them.  Returns how many were
- * released, -1 on a storage error (nothing was sent then). */
+ * first, each with a <delay/>; then delete them.  Those past max_age go back
+ * to the sender instead.  Returns how many were released, -1 on a storage
+ * error (nothing was sent then). */
 static int
 release(strangers *sp, const xd_jid *user, const char *sender)
 {
     char prefix[XD_JID_STR_MAX + 1];
     size_t plen = xd_db_user_prefix(user, prefix, sizeof(prefix));
-    const char *prev_user = sp->rel_user, *prev_sender = sp->rel_sender;
     long long now = (long long)time(NULL);
     unsigned long nrel = 0, nexp = 0;
+    bounce_list b = {0};
     held_list l;
 
     if (!plen || held_load(sp, NULL, prefix, plen, sender, 1, &l) != 0)
@@ -675,17 +1407,18 @@ release(strangers *sp, const xd_jid *user, const char *sender)
         held_free(&l);
         return 0;
     }
-    sp->rel_user = prefix; /* the bare JID: prefix ends with its NUL */
-    sp->rel_sender = sender;
     for (size_t i = 0; i < l.n; i++) {
         held_rec *r = &l.v[i];
         xmpp_stanza_t *st;
         if (expired(sp, r->when, now)) {
-            r->gone = 1;
-            nexp++;
+            /* out of memory: left for the sweep */
+            if (bounce_add(&b, r->xml, strlen(r->xml), BOUNCE_EXPIRED, prefix) == 0) {
+                r->gone = 1;
+                nexp++;
+            }
             continue;
         }
-        st = r->xml ? xd_stanza_parse(r->xml, strlen(r->xml)) : NULL;
+        st = xd_stanza_parse(r->xml, strlen(r->xml));
         if (!st || !xmpp_stanza_get_name(st) || strcmp(xmpp_stanza_get_name(st), "message") != 0) {
             /* never silently lose a message: keep it for an operator to look at */
             xd_error("strangers: %s: held message %llu from %s is unreadable; kept", prefix, r->seq,
@@ -701,41 +1434,75 @@ release(strangers *sp, const xd_jid *user, const char *sender)
         r->gone = 1;
         nrel++;
     }
-    sp->rel_user = prev_user;
-    sp->rel_sender = prev_sender;
-    if (held_delete_gone(sp, prefix, plen, &l) != 0)
+    if (held_remove_gone(sp, prefix, plen, &l) != 0) {
         xd_error("strangers: %s: could not delete released messages from %s; they may come again",
                  prefix, sender);
+        bounce_discard(&b);
+        nexp = 0;
+    } else {
+        bounce_send(&b);
+    }
     held_free(&l);
     if (nrel) {
         xd_info("strangers: %s: released %lu held message(s) from %s", prefix, nrel, sender);
         xd_count(sp->m, "released", nrel);
     }
-    if (nexp)
+    if (nexp) {
+        xd_info("strangers: %s: %lu held message(s) from %s expired", prefix, nexp, sender);
         xd_count(sp->m, "expired", nexp);
+    }
     return (int)nrel;
 }
 
-/* Delete the user's held messages from sender (a bare JID string), or from
- * every sender of domain when sender is NULL.  Returns how many, -1. */
+/* Does a held record come from who, as XEP-0016 2.1 matches a blocked JID:
+ * a domain covers all of its JIDs, a bare JID its resources, a full JID only
+ * itself (as the stored stanza's 'from' says)? */
 static int
-delete_held(strangers *sp, const xd_jid *user, const char *sender, const char *domain)
+held_matches(const held_rec *r, const xd_jid *who, const char *who_bare)
 {
-    char prefix[XD_JID_STR_MAX + 1];
+    xmpp_stanza_t *st;
+    const char *from;
+    xd_jid fj;
+    int match;
+
+    if (!r->sender)
+        return 0;
+    if (!who->local[0] && !who->resource[0])
+        return !strcmp(domain_of(r->sender), who->domain);
+    if (strcmp(r->sender, who_bare) != 0)
+        return 0;
+    if (!who->resource[0])
+        return 1;
+    st = r->xml ? xd_stanza_parse(r->xml, strlen(r->xml)) : NULL;
+    from = st ? xmpp_stanza_get_from(st) : NULL;
+    match = from && xd_jid_parse(&fj, from) == 0 && xd_jid_equal(&fj, who, 1);
+    if (st)
+        xmpp_stanza_release(st);
+    return match;
+}
+
+/* Delete the user's held messages from who (see held_matches).  They are
+ * not returned: the user said no, and an error would tell a spammer that
+ * the address is read.  Returns how many, -1. */
+static int
+delete_held(strangers *sp, const xd_jid *user, const xd_jid *who)
+{
+    char prefix[XD_JID_STR_MAX + 1], bare[XD_JID_STR_MAX];
     size_t plen = xd_db_user_prefix(user, prefix, sizeof(prefix));
-    int n = 0;
+    int domain = !who->local[0] && !who->resource[0], n = 0;
+    xd_jid wb = *who;
     held_list l;
 
-    if (!plen || held_load(sp, NULL, prefix, plen, sender, 0, &l) != 0)
+    xd_jid_to_bare(&wb);
+    if (!plen || bare_str(&wb, bare, sizeof(bare)) ||
+        held_load(sp, NULL, prefix, plen, domain ? NULL : bare, who->resource[0] != 0, &l) != 0)
         return -1;
-    for (size_t i = 0; i < l.n; i++) {
-        held_rec *r = &l.v[i];
-        if (r->sender && (sender || (domain && !strcmp(domain_of(r->sender), domain)))) {
-            r->gone = 1;
+    for (size_t i = 0; i < l.n; i++)
+        if (held_matches(&l.v[i], who, bare)) {
+            l.v[i].gone = 1;
             n++;
         }
-    }
-    if (n && held_delete_gone(sp, prefix, plen, &l) != 0)
+    if (n && held_remove_gone(sp, prefix, plen, &l) != 0)
         n = -1;
     held_free(&l);
     return n;
@@ -763,6 +1530,8 @@ senders_free(sender_list *s)
     s->n = 0;
 }
 
+/* From the records themselves, so what expired but was not swept yet is
+ * left out.  For the commands (the user asked). */
 static int
 senders_load(strangers *sp, const xd_jid *user, sender_list *out)
 {
@@ -798,23 +1567,59 @@ senders_load(strangers *sp, const xd_jid *user, sender_list *out)
     return 0;
 }
 
-/* Release what is held from senders that are known by now (accepted while
- * this module was not running, or a release cut short). */
-static void
-release_known(strangers *sp, const xd_jid *user)
-{
-    char prefix[XD_JID_STR_MAX + 1];
-    size_t plen = xd_db_user_prefix(user, prefix, sizeof(prefix));
-    sender_list s;
+/* The senders of the user's meta records: one short record each, not the
+ * messages. */
+typedef struct name_scan {
+    size_t plen;
+    char **v;
+    size_t n, cap;
+    int failed;
+} name_scan;
 
-    if (!plen || senders_load(sp, user, &s) != 0)
-        return;
-    for (size_t i = 0; i < s.n; i++) {
-        xd_jid sj;
-        if (parse_bare(s.v[i].jid, &sj) == 0 && is_known(sp, user, &sj, prefix, plen, s.v[i].jid))
-            release(sp, user, s.v[i].jid);
+static int
+name_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    name_scan *s = data;
+    (void)val;
+    (void)vlen;
+    if (klen <= s->plen)
+        return 0; /* the user's own record */
+    if (s->n == s->cap) {
+        size_t nc = s->cap ? 2 * s->cap : 16;
+        char **nv = realloc(s->v, nc * sizeof(*nv));
+        if (!nv) {
+            s->failed = 1;
+            return 1;
+        }
+        s->v = nv;
+        s->cap = nc;
     }
-    senders_free(&s);
+    if (!(s->v[s->n] = strndup((const char *)key + s->plen, klen - s->plen))) {
+        s->failed = 1;
+        return 1;
+    }
+    s->n++;
+    return 0;
+}
+
+/* Release what is held from senders that are known for certain by now
+ * (accepted while this module was not running, or a release cut short). */
+static void
+release_known(strangers *sp, const xd_jid *user, const char *prefix, size_t plen)
+{
+    name_scan s = {plen, NULL, 0, 0, 0};
+
+    if (xd_db_foreach(sp->meta, NULL, prefix, plen, name_visit, &s) >= 0 && !s.failed) {
+        for (size_t i = 0; i < s.n; i++) {
+            xd_jid sj;
+            if (parse_bare(s.v[i], &sj) == 0 &&
+                known_state(sp, user, &sj, prefix, plen, s.v[i]) == 1)
+                release(sp, user, s.v[i]);
+        }
+    }
+    for (size_t i = 0; i < s.n; i++)
+        free(s.v[i]);
+    free(s.v);
 }
 
 /* ---- hooks ---------------------------------------------------------------------------- */
@@ -827,6 +1632,8 @@ st_deliver(xd_event *ev, void *data)
     strangers *sp = data;
     xmpp_stanza_t *st = ev->stanza;
     char user_s[XD_JID_STR_MAX], sender_s[XD_JID_STR_MAX], prefix[XD_JID_STR_MAX + 1];
+    notice_batch nb;
+    long long wait;
     xd_jid user, sender;
     size_t plen;
     int r;
@@ -848,9 +1655,9 @@ st_deliver(xd_event *ev, void *data)
     if (bare_str(&user, user_s, sizeof(user_s)) || bare_str(&sender, sender_s, sizeof(sender_s)) ||
         !(plen = xd_db_user_prefix(&user, prefix, sizeof(prefix))))
         return XD_PASS;
-    if (sp->rel_user && !strcmp(sp->rel_user, user_s) && !strcmp(sp->rel_sender, sender_s))
-        return XD_PASS; /* being released right now */
-    if (is_known(sp, &user, &sender, prefix, plen, sender_s))
+    /* cannot tell (no roster module, storage error): deliver rather than
+     * hold wrongly */
+    if (known_state(sp, &user, &sender, prefix, plen, sender_s) != 0)
         return XD_PASS;
     if (xd_account_exists(&user) != 1)
         return XD_PASS; /* no such account (or no answer): the core bounces */
@@ -862,7 +1669,7 @@ st_deliver(xd_event *ev, void *data)
         xd_bounce(st, "cancel", "service-unavailable", NULL);
         return XD_HANDLED;
     }
-    r = hold(sp, &user, sender_s, st);
+    r = hold(sp, &user, sender_s, st, &nb, &wait);
     if (r == HOLD_TOO_BIG) {
         xd_info("strangers: refused an oversized message from %s to %s", sender_s, user_s);
         xd_count(sp->m, "refused", 1);
@@ -876,56 +1683,12 @@ st_deliver(xd_event *ev, void *data)
     }
     xd_info("strangers: held a message from %s to %s", sender_s, user_s);
     xd_count(sp->m, "held", 1);
-    if (r == HOLD_FIRST)
-        send_notice(sp, user_s, sender_s, user.domain);
+    if (nb.total)
+        notice_send(sp, user_s, user.domain, &nb);
+    else if (wait > 0)
+        pend_arm(sp, user_s, wait);
+    batch_free(&nb);
     return XD_HANDLED;
-}
-
-/* XEP-0191 3.3: <block/> from the user.  Seen before mod_blocking answers
- * it; the held messages go only when every item is a valid JID, as
- * mod_blocking refuses the whole request otherwise.  A bare or full JID
- * item deletes that sender's messages; a domain item all of that domain's. */
-static void
-on_block(strangers *sp, const xd_jid *user, xmpp_stanza_t *block)
-{
-    unsigned long n = 0;
-    int items = 0;
-
-    for (int pass = 0; pass < 2; pass++) {
-        for (xmpp_stanza_t *it = xmpp_stanza_get_children(block); it;
-             it = xmpp_stanza_get_next(it)) {
-            const char *jid;
-            char bare[XD_JID_STR_MAX];
-            xd_jid j;
-            int r;
-            if (!xmpp_stanza_is_tag(it) || strcmp(xmpp_stanza_get_name(it), "item") != 0)
-                continue;
-            jid = xmpp_stanza_get_attribute(it, "jid");
-            if (!jid || xd_jid_parse(&j, jid) != 0)
-                return;
-            items++;
-            if (pass == 0)
-                continue;
-            if (!j.local[0] && !j.resource[0]) {
-                r = delete_held(sp, user, NULL, j.domain);
-            } else {
-                xd_jid_to_bare(&j);
-                if (bare_str(&j, bare, sizeof(bare)))
-                    continue;
-                r = delete_held(sp, user, bare, NULL);
-            }
-            if (r > 0)
-                n += (unsigned long)r;
-        }
-        if (!items)
-            return;
-    }
-    if (n) {
-        char u[XD_JID_STR_MAX];
-        if (!bare_str(user, u, sizeof(u)))
-            xd_info("strangers: %s blocked senders of %lu held message(s); deleted", u, n);
-        xd_count(sp->m, "blocked", n);
-    }
 }
 
 /* XD_HOOK_C2S_STANZA: the user writes to (or sends directed presence to,
@@ -945,16 +1708,6 @@ st_c2s(xd_event *ev, void *data)
 
     if (!ev->session || !ev->from || !ev->to)
         return XD_PASS;
-    user = *ev->from;
-    xd_jid_to_bare(&user);
-    contact = *ev->to;
-    xd_jid_to_bare(&contact);
-    if (!strcmp(name, "iq")) {
-        xmpp_stanza_t *block = xmpp_stanza_get_child_by_name_and_ns(st, "block", NS_BLOCKING);
-        if (block && is_type(st, "set") && xd_jid_equal(&user, ev->to, 1))
-            on_block(sp, &user, block);
-        return XD_PASS;
-    }
     if (!strcmp(name, "message")) {
         if (!chat_or_normal(st) || !has_content(st))
             return XD_PASS; /* an automatic receipt or chat state is no reply */
@@ -964,6 +1717,10 @@ st_c2s(xd_event *ev, void *data)
     } else {
         return XD_PASS;
     }
+    user = *ev->from;
+    xd_jid_to_bare(&user);
+    contact = *ev->to;
+    xd_jid_to_bare(&contact);
     if (xd_jid_equal(&user, &contact, 0) || !host_enabled(sp, user.domain) ||
         (!contact.local[0] && xd_is_local_host(contact.domain)))
         return XD_PASS;
@@ -974,13 +1731,25 @@ st_c2s(xd_event *ev, void *data)
         !(plen = xd_db_user_prefix(&user, prefix, sizeof(prefix))))
         return XD_PASS;
     r = known_add(sp, prefix, plen, contact_s);
-    if (r < 0)
+    if (r < 0) {
+        /* not known, so a release would only be held again: the next
+         * message the user writes tries again */
         xd_error("strangers: %s: could not record %s as known", prefix, contact_s);
-    if (r > 0)
+    } else if (r > 0) {
         xd_debug("strangers: %s wrote to %s: known from now on", prefix, contact_s);
-    if (r > 0 || r < 0)
         release(sp, &user, contact_s);
+    }
     return XD_PASS;
+}
+
+static void
+log_rejected(strangers *sp, const xd_jid *user, const char *how, const char *who, int n)
+{
+    if (n <= 0)
+        return;
+    xd_info("strangers: %s@%s %s %s: %d held message(s) deleted", user->local, user->domain, how,
+            who, n);
+    xd_count(sp->m, !strcmp(how, "blocked") ? "blocked" : "rejected", (unsigned long)n);
 }
 
 /* XD_HOOK_ROSTER_CHANGED (committed): a contact became known (the user
@@ -993,7 +1762,6 @@ st_roster_changed(xd_event *ev, void *data)
     strangers *sp = data;
     char contact_s[XD_JID_STR_MAX];
     xd_jid user, contact;
-    int n;
 
     if (!ev->from || !ev->to || !ev->from->local[0])
         return XD_PASS;
@@ -1003,157 +1771,250 @@ st_roster_changed(xd_event *ev, void *data)
     xd_jid_to_bare(&contact);
     if (bare_str(&contact, contact_s, sizeof(contact_s)))
         return XD_PASS;
-    if (ev->flags & ROSTER_KNOWN) {
+    if (ev->flags & ROSTER_KNOWN)
         release(sp, &user, contact_s);
-    } else if (ev->flags == 0 && (n = delete_held(sp, &user, contact_s, NULL)) > 0) {
-        xd_info("strangers: %s@%s refused %s: %d held message(s) deleted", user.local, user.domain,
-                contact_s, n);
-        xd_count(sp->m, "rejected", (unsigned long)n);
-    }
+    else if (ev->flags == 0)
+        log_rejected(sp, &user, "refused", contact_s, delete_held(sp, &user, &contact));
+    return XD_PASS;
+}
+
+/* XD_HOOK_BLOCKLIST_CHANGED, once mod_blocking has committed the block
+ * (XEP-0191 3.3): what the blocked JID sent is deleted.  A block that
+ * mod_blocking refuses never gets here, so it deletes nothing. */
+static int
+st_blocklist_changed(xd_event *ev, void *data)
+{
+    strangers *sp = data;
+    char who_s[XD_JID_STR_MAX];
+    xd_jid user;
+
+    if (!(ev->flags & BLOCKLIST_BLOCKED) || !ev->from || !ev->to || !ev->from->local[0] ||
+        xd_jid_format(ev->to, 1, who_s, sizeof(who_s)) < 0)
+        return XD_PASS;
+    user = *ev->from;
+    xd_jid_to_bare(&user);
+    log_rejected(sp, &user, "blocked", who_s, delete_held(sp, &user, ev->to));
     return XD_PASS;
 }
 
 /* XD_HOOK_PRESENCE_OUT, initial presence: catch up with approvals that
- * could not release at the time. */
+ * could not release at the time, and with a notice that was waiting (its
+ * timer does not outlive a restart). */
 static int
 st_presence(xd_event *ev, void *data)
 {
     strangers *sp = data;
+    char user_s[XD_JID_STR_MAX], prefix[XD_JID_STR_MAX + 1];
+    long long now = (long long)time(NULL);
+    user_meta um;
     xd_jid user;
+    size_t plen;
 
     if (!(ev->flags & XD_EVENT_INITIAL) || !ev->session || !xd_session_jid(ev->session))
         return XD_PASS;
     user = *xd_session_jid(ev->session);
     xd_jid_to_bare(&user);
-    release_known(sp, &user);
+    if (bare_str(&user, user_s, sizeof(user_s)) ||
+        !(plen = xd_db_user_prefix(&user, prefix, sizeof(prefix))) ||
+        meta_get(sp, NULL, prefix, plen, &um) != 0)
+        return XD_PASS; /* nothing held (or a storage error: the next login tries again) */
+    if (um.count)
+        release_known(sp, &user, prefix, plen);
+    if (um.untold) {
+        if (notice_due(sp, &um, now))
+            notice_flush(sp, user_s);
+        else
+            pend_arm(sp, user_s, notice_wait(sp, &um, now));
+    }
+    return XD_PASS;
+}
+
+/* XD_HOOK_ACCOUNT_REMOVED: the core purges the records keyed by the user;
+ * the expiry index is keyed by time, so its entries go here. */
+static int
+st_account_removed(xd_event *ev, void *data)
+{
+    strangers *sp = data;
+    char prefix[XD_JID_STR_MAX + 1], user_s[XD_JID_STR_MAX];
+    size_t plen;
+    held_list l;
+    xd_jid user;
+    xd_txn *txn;
+    int ok = 1;
+
+    if (!ev->from)
+        return XD_PASS;
+    user = *ev->from;
+    xd_jid_to_bare(&user);
+    if (!bare_str(&user, user_s, sizeof(user_s)))
+        pend_drop(sp, user_s);
+    if (!(plen = xd_db_user_prefix(&user, prefix, sizeof(prefix))) ||
+        held_load(sp, NULL, prefix, plen, NULL, 0, &l) != 0)
+        return XD_PASS;
+    if (l.n && xd_txn_begin(&txn) == 0) {
+        for (size_t i = 0; ok && i < l.n; i++) {
+            unsigned char ikey[INDEX_KEY_MAX];
+            if (l.v[i].sender)
+                ok = xd_db_del(sp->expiry, txn, ikey,
+                               index_key(ikey, l.v[i].when, prefix, plen, l.v[i].seq)) >= 0;
+        }
+        if (ok)
+            xd_txn_commit(txn);
+        else
+            xd_txn_abort(txn);
+    }
+    held_free(&l);
     return XD_PASS;
 }
 
 /* ---- expiry --------------------------------------------------------------------------- */
 
+/* Index entries of records that expired, oldest first.  Each step deletes
+ * the entries it handled, so the next one starts where it stopped: the
+ * start of the index is the cursor. */
 typedef struct sweep_acc {
-    const strangers *sp;
     long long now;
+    const strangers *sp;
     unsigned char *keys[SWEEP_BATCH];
     size_t klens[SWEEP_BATCH];
     size_t n;
     int more;
+    int failed;
 } sweep_acc;
 
 static int
 sweep_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
 {
     sweep_acc *a = data;
-    const unsigned char *v = val;
-    if (vlen < RECORD_HEADER || v[0] != RECORD_VERSION ||
-        !expired(a->sp, (long long)xd_db_get_be(v + 1, TIME_LEN), a->now))
-        return 0;
+    (void)val;
+    (void)vlen;
+    if (klen >= TIME_LEN && !expired(a->sp, (long long)xd_db_get_be(key, TIME_LEN), a->now))
+        return 1; /* all that follows is younger */
     if (a->n == SWEEP_BATCH) {
         a->more = 1;
         return 1;
     }
-    if (!(a->keys[a->n] = malloc(klen)))
+    if (!(a->keys[a->n] = malloc(klen ? klen : 1))) {
+        a->failed = 1;
         return 1;
+    }
     memcpy(a->keys[a->n], key, klen);
     a->klens[a->n++] = klen;
     return 0;
 }
 
+static void sweep_next(void *data);
+
+/*
+ * One sweep step, one transaction: delete up to SWEEP_BATCH expired records
+ * (and SWEEP_BATCH_BYTES), each returned to its sender after the commit.
+ * When more are waiting, the next step runs SWEEP_STEP seconds later, so
+ * the event loop serves everyone else in between.
+ */
 static void
-sweep(void *data)
+sweep_step(strangers *sp)
 {
-    strangers *sp = data;
     sweep_acc *a = calloc(1, sizeof(*a));
+    char prefix[XD_JID_STR_MAX + 1];
+    size_t plen = 0, bytes = 0, i;
+    unsigned long nexp = 0;
+    bounce_list b = {0};
     xd_txn *txn = NULL;
+    user_meta um;
     int ok = 1;
 
     if (!a)
         return;
-    do {
-        a->sp = sp;
-        a->now = (long long)time(NULL);
-        a->more = 0;
-        a->n = 0;
-        xd_db_foreach(sp->held, NULL, NULL, 0, sweep_visit, a);
-        if (a->n && xd_txn_begin(&txn) == 0) {
-            for (size_t i = 0; i < a->n && ok; i++)
-                if (xd_db_del(sp->held, txn, a->keys[i], a->klens[i]) < 0)
-                    ok = 0;
-            if (ok && xd_txn_commit(txn) == 0) {
-                xd_info("strangers: %zu held message(s) expired", a->n);
-                xd_count(sp->m, "expired", a->n);
-            } else {
-                if (!ok)
-                    xd_txn_abort(txn);
+    a->now = (long long)time(NULL);
+    a->sp = sp;
+    if (xd_db_foreach(sp->expiry, NULL, NULL, 0, sweep_visit, a) < 0 || a->failed || !a->n ||
+        xd_txn_begin(&txn) != 0)
+        goto out;
+    for (i = 0; ok && i < a->n && bytes < SWEEP_BATCH_BYTES; i++) {
+        const unsigned char *k = a->keys[i];
+        size_t klen = a->klens[i],
+               kplen = klen > TIME_LEN + SEQ_LEN ? klen - TIME_LEN - SEQ_LEN : 0;
+        unsigned long long seq;
+        void *val = NULL;
+        size_t vlen = 0;
+        rec_view rv;
+        int r;
+
+        if (kplen < 2 || kplen > sizeof(prefix) || k[TIME_LEN + kplen - 1] != '\0') {
+            ok = xd_db_del(sp->expiry, txn, k, klen) >= 0; /* not an entry of ours */
+            continue;
+        }
+        if (plen != kplen || memcmp(prefix, k + TIME_LEN, plen) != 0) {
+            /* the next user: write back the account of the previous one */
+            if ((plen && meta_put(sp, txn, prefix, plen, &um) != 0)) {
                 ok = 0;
+                break;
+            }
+            plen = kplen;
+            memcpy(prefix, k + TIME_LEN, plen);
+            if (meta_load(sp, txn, prefix, plen, &um) != 0) {
+                plen = 0;
+                ok = 0;
+                break;
             }
         }
-        for (size_t i = 0; i < a->n; i++)
-            free(a->keys[i]);
-    } while (ok && a->more);
+        seq = xd_db_get_be(k + TIME_LEN + plen, SEQ_LEN);
+        r = xd_db_get(sp->held, txn, k + TIME_LEN, plen + SEQ_LEN, &val, &vlen);
+        if (r < 0) {
+            ok = 0;
+        } else if (r == 0 && rec_parse(val, vlen, &rv) == 0 &&
+                   rv.when == (long long)xd_db_get_be(k, TIME_LEN)) {
+            ok = bounce_add(&b, rv.xml, rv.xlen, BOUNCE_EXPIRED, prefix) == 0 &&
+                 rec_remove(sp, txn, prefix, plen, &um, seq, vlen, &rv) == 0;
+            nexp += ok;
+            bytes += vlen;
+        } else {
+            /* its record is gone (or is another one now): the entry goes */
+            ok = xd_db_del(sp->expiry, txn, k, klen) >= 0;
+        }
+        free(val);
+    }
+    if (ok && plen && meta_put(sp, txn, prefix, plen, &um) != 0)
+        ok = 0;
+    if (!ok) {
+        xd_txn_abort(txn);
+        bounce_discard(&b);
+        goto out; /* the next sweep_interval tries again */
+    }
+    if (xd_txn_commit(txn) != 0) {
+        bounce_discard(&b);
+        goto out;
+    }
+    if (nexp) {
+        xd_info("strangers: %lu held message(s) expired", nexp);
+        xd_count(sp->m, "expired", nexp);
+    }
+    bounce_send(&b);
+    if ((a->more || i < a->n) && !sp->sweep_next)
+        sp->sweep_next = xd_timer_start(sp->m, SWEEP_STEP, 0, sweep_next, sp);
+out:
+    for (i = 0; i < a->n; i++)
+        free(a->keys[i]);
     free(a);
 }
 
+static void
+sweep_next(void *data)
+{
+    strangers *sp = data;
+    sp->sweep_next = NULL; /* spent */
+    sweep_step(sp);
+}
+
+static void
+sweep_tick(void *data)
+{
+    strangers *sp = data;
+    if (!sp->sweep_next) /* otherwise a sweep is under way */
+        sweep_step(sp);
+}
+
 /* ---- XEP-0050 commands ---------------------------------------------------------------- */
-
-static void
-hex(const unsigned char *p, size_t n, char *out)
-{
-    static const char digits[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = digits[p[i] >> 4];
-        out[2 * i + 1] = digits[p[i] & 15];
-    }
-    out[2 * n] = '\0';
-}
-
-/* A session id the server need not remember: when it was made and a keyed
- * hash binding it to the requester's bare JID and the command, so it is
- * useless to anyone else and expires by itself. */
-static void
-session_id(const strangers *sp, const char *requester, const char *node, unsigned long long t,
-           char *out, size_t len)
-{
-    size_t rl = strlen(requester), nl = strlen(node), n = 0;
-    unsigned char *buf = malloc(sizeof(sp->secret) + rl + nl + 32), digest[32];
-    char h[33];
-
-    if (!buf) {
-        snprintf(out, len, "x");
-        return;
-    }
-    memcpy(buf, sp->secret, sizeof(sp->secret));
-    n = sizeof(sp->secret);
-    memcpy(buf + n, requester, rl + 1);
-    n += rl + 1;
-    memcpy(buf + n, node, nl + 1);
-    n += nl + 1;
-    n += (size_t)snprintf((char *)buf + n, 24, "%llu", t);
-    xd_sha256(buf, n, digest);
-    free(buf);
-    hex(digest, 16, h);
-    snprintf(out, len, "%llx-%s", t, h);
-}
-
-static int
-session_valid(const strangers *sp, const char *requester, const char *node, const char *sid)
-{
-    char want[80], *end;
-    unsigned long long t, now = (unsigned long long)time(NULL);
-    unsigned char diff = 0;
-
-    if (!sid || strlen(sid) >= sizeof(want) || !strchr(sid, '-'))
-        return 0;
-    t = strtoull(sid, &end, 16);
-    if (*end != '-' || t + SESSION_TTL < now || t > now + 5)
-        return 0;
-    session_id(sp, requester, node, t, want, sizeof(want));
-    if (strlen(want) != strlen(sid))
-        return 0;
-    for (size_t i = 0; want[i]; i++)
-        diff |= (unsigned char)(want[i] ^ sid[i]);
-    return diff == 0;
-}
 
 /* XEP-0050 4.6: the stanza error, with the command's own condition. */
 static void
@@ -1499,12 +2360,9 @@ cmd_submit(command *cmd, xd_event *ev, const xd_jid *user, const char *node, con
             }
             n = release(sp, user, jv.v[i]);
         } else {
-            n = delete_held(sp, user, jv.v[i], NULL);
-            if (n > 0) {
-                xd_info("strangers: %s rejected %s: %d held message(s) deleted", prefix, jv.v[i],
-                        n);
-                xd_count(sp->m, "rejected", (unsigned long)n);
-            }
+            xd_jid sj;
+            n = parse_bare(jv.v[i], &sj) == 0 ? delete_held(sp, user, &sj) : -1;
+            log_rejected(sp, user, "rejected", jv.v[i], n);
         }
         if (n < 0) {
             values_free(&jv);
@@ -1535,7 +2393,7 @@ adhoc(xd_event *ev, void *data)
     const char *node = c ? xmpp_stanza_get_attribute(c, "node") : NULL;
     const char *action = c ? xmpp_stanza_get_attribute(c, "action") : NULL;
     const char *sid = c ? xmpp_stanza_get_attribute(c, "sessionid") : NULL;
-    char requester[XD_JID_STR_MAX], newsid[80];
+    char newsid[48];
     xmpp_stanza_t *x = NULL, *r, *rc;
     xd_jid user;
     sender_list s;
@@ -1551,10 +2409,6 @@ adhoc(xd_event *ev, void *data)
     }
     user = *ev->from;
     xd_jid_to_bare(&user);
-    if (bare_str(&user, requester, sizeof(requester))) {
-        cmd_error(ev, "modify", "bad-request", NULL, NULL);
-        return XD_HANDLED;
-    }
     if (!action)
         action = "execute";
     if (strcmp(action, "execute") && strcmp(action, "complete") && strcmp(action, "cancel") &&
@@ -1570,8 +2424,11 @@ adhoc(xd_event *ev, void *data)
         }
 
     if (sid) {
-        /* a later stage: only the session this requester got for this node */
-        if (!session_valid(sp, requester, node, sid)) {
+        /* a later stage.  XEP-0050 3.4: the id only lets the client tie
+         * the stages of one execution together; every stage acts for the
+         * requester (ev->from) on the requester's own messages, so nothing
+         * is kept per session and any id of a sane length is taken */
+        if (!*sid || strlen(sid) > SESSIONID_MAX) {
             cmd_error(ev, "modify", "bad-request", "bad-sessionid", NULL);
             return XD_HANDLED;
         }
@@ -1600,7 +2457,8 @@ adhoc(xd_event *ev, void *data)
         cmd_error(ev, "modify", "bad-request", "bad-action", NULL);
         return XD_HANDLED;
     }
-    session_id(sp, requester, node, (unsigned long long)time(NULL), newsid, sizeof(newsid));
+    /* unique, not secret: see above */
+    snprintf(newsid, sizeof(newsid), "%llx-%lu", (unsigned long long)time(NULL), ++sp->cmd_seq);
     if (x && cmd->kind != CMD_LIST) {
         /* the form right away: one round trip for scripts */
         if (!is_type(x, "submit")) {
@@ -1654,6 +2512,7 @@ static const xd_setting strangers_settings[] = {
     {"sweep_interval", XD_SETTING_INT},   /* seconds between expiry sweeps */
     {"max_known", XD_SETTING_INT},        /* contacts remembered per user from replies */
     {"notice", XD_SETTING_STRING},        /* "message", "subscribe" or "none" */
+    {"notice_interval", XD_SETTING_INT},  /* seconds between two notices to a user; 0: no limit */
     {NULL, 0},
 };
 
@@ -1675,28 +2534,19 @@ strangers_free(strangers *sp)
 {
     if (!sp)
         return;
+    xd_timer_stop(sp->sweep);
+    xd_timer_stop(sp->sweep_next);
+    for (size_t i = 0; i < sp->npend_buckets; i++)
+        for (pending *p = sp->pend[i], *next; p; p = next) {
+            next = p->next;
+            xd_timer_stop(p->timer);
+            free(p);
+        }
+    free(sp->pend);
     for (int i = 0; i < sp->nhosts; i++)
         free(sp->hosts[i]);
     free(sp->hosts);
     free(sp);
-}
-
-static void
-make_secret(strangers *sp)
-{
-    FILE *f = fopen("/dev/urandom", "rb");
-    if (!f || fread(sp->secret, 1, sizeof(sp->secret), f) != sizeof(sp->secret)) {
-        /* weaker, but session ids stay bound to the requester all the same */
-        struct timespec ts;
-        unsigned char seed[64] = {0};
-        clock_gettime(CLOCK_REALTIME, &ts);
-        memcpy(seed, &ts, sizeof(ts) < 32 ? sizeof(ts) : 32);
-        memcpy(seed + 32, &sp, sizeof(sp));
-        xd_sha256(seed, sizeof(seed), sp->secret);
-        xd_warn("strangers: /dev/urandom unreadable; ad-hoc session ids are weaker");
-    }
-    if (f)
-        fclose(f);
 }
 
 static int
@@ -1716,7 +2566,8 @@ strangers_load(xd_module *m)
         int_setting(m, "max_message_size", 65536, 1024, 64LL * 1024 * 1024, &sp->max_size) ||
         int_setting(m, "max_age", 7 * 86400, 0, 10LL * 365 * 86400, &sp->max_age) ||
         int_setting(m, "sweep_interval", 3600, 1, 86400, &sp->sweep_interval) ||
-        int_setting(m, "max_known", 10000, 1, 1000000, &sp->max_known))
+        int_setting(m, "max_known", 10000, 1, 1000000, &sp->max_known) ||
+        int_setting(m, "notice_interval", 3600, 0, 7 * 86400, &sp->notice_interval))
         goto fail;
     if (sp->max_size > sp->quota_bytes) {
         xd_config_error(m, "max_message_size", "must not be more than quota_bytes (%lld)",
@@ -1756,25 +2607,29 @@ strangers_load(xd_module *m)
     xd_module_set_data(m, sp);
 
     sp->held = xd_db_open("strangers");
-    sp->known = sp->held ? xd_db_open("strangers_known") : NULL;
-    if (!sp->held || !sp->known) {
+    sp->meta = sp->held ? xd_db_open("strangers_meta") : NULL;
+    sp->expiry = sp->meta ? xd_db_open("strangers_expiry") : NULL;
+    sp->known = sp->expiry ? xd_db_open("strangers_known") : NULL;
+    if (!sp->held || !sp->meta || !sp->expiry || !sp->known) {
         /* xmppd --check-config: no store, nothing to serve */
-        sp->held = sp->known = NULL;
+        sp->held = sp->meta = sp->expiry = sp->known = NULL;
         xd_debug("strangers: storage not open; module inactive");
         return 0;
     }
-    make_secret(sp);
     r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, st_deliver, sp, XD_PRIO_HIGH - 100);
     r |= xd_hook(m, XD_HOOK_C2S_STANZA, st_c2s, sp, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_ROSTER_CHANGED, st_roster_changed, sp, XD_PRIO_DEFAULT);
+    r |= xd_hook(m, XD_HOOK_BLOCKLIST_CHANGED, st_blocklist_changed, sp, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_PRESENCE_OUT, st_presence, sp, XD_PRIO_DEFAULT);
+    r |= xd_hook(m, XD_HOOK_ACCOUNT_REMOVED, st_account_removed, sp, XD_PRIO_DEFAULT);
     r |= xd_adhoc_register(m, NODE_LIST, "List senders of held messages", adhoc,
                            &sp->cmds[CMD_LIST]);
     r |= xd_adhoc_register(m, NODE_FETCH, "Read held messages", adhoc, &sp->cmds[CMD_FETCH]);
     r |= xd_adhoc_register(m, NODE_APPROVE, "Accept held messages", adhoc, &sp->cmds[CMD_APPROVE]);
     r |= xd_adhoc_register(m, NODE_REJECT, "Reject held messages", adhoc, &sp->cmds[CMD_REJECT]);
-    if (sp->max_age > 0 && !(sp->sweep = xd_timer_start(m, (double)sp->sweep_interval,
-                                                        (double)sp->sweep_interval, sweep, sp)))
+    if (sp->max_age > 0 &&
+        !(sp->sweep = xd_timer_start(m, (double)sp->sweep_interval, (double)sp->sweep_interval,
+                                     sweep_tick, sp)))
         r = -1;
     return r ? -1 : 0;
 fail:
@@ -1786,11 +2641,8 @@ fail:
 static void
 strangers_unload(xd_module *m)
 {
-    strangers *sp = xd_module_get_data(m);
-    if (!sp)
-        return;
-    xd_timer_stop(sp->sweep);
-    strangers_free(sp);
+    strangers_free(xd_module_get_data(m));
+    xd_module_set_data(m, NULL);
 }
 
 XD_MODULE(strangers) = {
