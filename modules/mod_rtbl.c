@@ -10,6 +10,15 @@
  * and an item may carry a XEP-0377 <report/> (urn:xmpp:reporting:1), which
  * is kept for the log lines.
  *
+ * What no list can do: a mistaken or compromised service must not be able
+ * to cut this server off from federation with one item, so items that would
+ * block a large part of the network are refused (logged, counted as
+ * items_refused): IPv4 ranges shorter than /8 (IPv4-mapped IPv6 ranges are
+ * judged as IPv4), IPv6 ranges shorter than /32, and on domain lists a
+ * single-label domain (a parent of every name under a top-level domain) or
+ * anything that looks like an IP address.  A hash that happens to be the
+ * digest of a top-level domain cannot be told apart; it is enforced.
+ *
  * Protocol (from the configured served domain to the service):
  *   XEP-0060 6.1   subscribe (jid = our domain), then
  *   XEP-0060 6.5   retrieve all items (following XEP-0059 RSM pages when the
@@ -30,14 +39,17 @@
  * the account exists).  A sender already in the user's roster passes
  * (exempt_roster).  XD_HOOK_CONNECT refuses listed addresses on server-to-
  * server listeners.  Cost per stanza from a remote sender: a probe per label
- * of its domain, and when hash lists are non-empty one SHA-256 (the bare
- * JID) and one probe per hash (the domain's digest comes from a small cache).
+ * of its domain, and when hash lists are non-empty two SHA-256 (the bare JID
+ * and the domain) and two probes.  The tables are the core's xd_hashtab
+ * (keyed SipHash): the service chooses every key, so it must not be able to
+ * choose keys that fall into one chain.
  *
- * Storage: the lists live in memory (hash sets, a binary prefix tree for the
- * addresses) and are cached in Berkeley DB so that a restart blocks from
+ * Storage: the lists live in memory (hash tables, a binary prefix tree for
+ * the addresses) and are cached in Berkeley DB so that a restart blocks from
  * the first second, before the service answers:
  *   rtbl   "service\0node\0item id" -> the report summary (may be empty)
- * one transaction per notification or resync.
+ * Changes are written in one transaction at most once per FLUSH_DELAY (see
+ * cache_mark).
  */
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -59,13 +71,18 @@
 #define MAX_NODE_LEN 255
 #define MAX_ID_LEN 1023    /* longer item ids are ignored */
 #define MAX_REPORT_LEN 200 /* bytes of a report kept for the logs */
+#define MAX_LOG_ID 80      /* bytes of an item id in a log line */
 #define MAX_ITEMS 1000000  /* per list: a runaway service cannot take all memory */
 #define MAX_PAGES 1000     /* RSM pages of one fetch */
+#define MIN_V4_BITS 8      /* shorter address ranges are refused */
+#define MIN_V6_BITS 32
+#define REFUSED_LOGGED 20 /* lines about refused items per notification or resync */
+#define FLUSH_DELAY 1.0   /* cache writes are batched over this long... */
+#define MAX_DIRTY 65536   /* ...or this many changed items of a list */
 #define IQ_TIMEOUT 60.0
 #define BACKOFF_MIN 5.0
 #define BACKOFF_MAX 900.0
 #define KICK_DELAY 1.0  /* resync after the service's stream came back */
-#define DCACHE_SIZE 64  /* digests of recently seen domains */
 #define LOG_WINDOW 10.0 /* drop log lines: at most LOG_BURST per window */
 #define LOG_BURST 20
 
@@ -74,116 +91,6 @@ static const char *const kind_names[] = {"domains", "sha256", "ips"};
 static const char *const kind_what[] = {"a domain", "a hex SHA-256", "an address or CIDR range"};
 
 typedef enum lstate { S_IDLE, S_SUBSCRIBING, S_FETCHING, S_SYNCED, S_WAITING } lstate;
-
-/* ---- a hash map with byte-string keys ------------------------------------------- */
-
-typedef struct hent {
-    struct hent *next;
-    unsigned h;
-    void *val;
-    size_t klen;
-    unsigned char key[]; /* klen bytes, then a NUL */
-} hent;
-
-typedef struct hmap {
-    hent **b;
-    size_t nb, n;
-} hmap;
-
-static unsigned
-hash_bytes(const void *k, size_t len)
-{
-    const unsigned char *p = k;
-    unsigned h = 2166136261u;
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ p[i]) * 16777619u;
-    return h;
-}
-
-static hent *
-hmap_find(const hmap *t, const void *k, size_t len)
-{
-    unsigned h;
-    if (!t->n)
-        return NULL;
-    h = hash_bytes(k, len);
-    for (hent *e = t->b[h & (t->nb - 1)]; e; e = e->next)
-        if (e->h == h && e->klen == len && !memcmp(e->key, k, len))
-            return e;
-    return NULL;
-}
-
-static int
-hmap_grow(hmap *t)
-{
-    size_t nb = t->nb ? t->nb * 2 : 64;
-    hent **b = calloc(nb, sizeof(*b));
-    if (!b)
-        return -1;
-    for (size_t i = 0; i < t->nb; i++)
-        for (hent *e = t->b[i], *next; e; e = next) {
-            next = e->next;
-            e->next = b[e->h & (nb - 1)];
-            b[e->h & (nb - 1)] = e;
-        }
-    free(t->b);
-    t->b = b;
-    t->nb = nb;
-    return 0;
-}
-
-/* The entry for k, created (val NULL) if absent; NULL when out of memory. */
-static hent *
-hmap_add(hmap *t, const void *k, size_t len, int *created)
-{
-    hent *e = hmap_find(t, k, len);
-    *created = 0;
-    if (e)
-        return e;
-    if (t->n >= t->nb && hmap_grow(t) != 0)
-        return NULL;
-    if (!(e = calloc(1, sizeof(*e) + len + 1)))
-        return NULL;
-    e->h = hash_bytes(k, len);
-    e->klen = len;
-    memcpy(e->key, k, len);
-    e->next = t->b[e->h & (t->nb - 1)];
-    t->b[e->h & (t->nb - 1)] = e;
-    t->n++;
-    *created = 1;
-    return e;
-}
-
-/* Unlink k's entry and return it (the caller frees it and its value). */
-static hent *
-hmap_unlink(hmap *t, const void *k, size_t len)
-{
-    unsigned h;
-    if (!t->n)
-        return NULL;
-    h = hash_bytes(k, len);
-    for (hent **p = &t->b[h & (t->nb - 1)], *e; (e = *p); p = &e->next)
-        if (e->h == h && e->klen == len && !memcmp(e->key, k, len)) {
-            *p = e->next;
-            t->n--;
-            return e;
-        }
-    return NULL;
-}
-
-static void
-hmap_clear(hmap *t, void (*free_val)(void *))
-{
-    for (size_t i = 0; i < t->nb; i++)
-        for (hent *e = t->b[i], *next; e; e = next) {
-            next = e->next;
-            if (free_val)
-                free_val(e->val);
-            free(e);
-        }
-    free(t->b);
-    memset(t, 0, sizeof(*t));
-}
 
 /* ---- a binary prefix tree for addresses ----------------------------------------- */
 
@@ -263,6 +170,12 @@ trie_free(tnode *n)
 
 typedef struct rtbl rtbl;
 
+/* A list item as the service names it: the id is the table key. */
+typedef struct item {
+    char *report; /* NULL when none; else inside this allocation */
+    char id[];
+} item;
+
 /* One blocklist: a node on a service. */
 typedef struct rlist {
     rtbl *r;
@@ -272,12 +185,14 @@ typedef struct rlist {
     char *dbprefix; /* "service\0node\0" */
     size_t dbplen;
     kind kind;
-    hmap items;   /* item id -> report summary (malloc'd) or NULL */
-    hmap pending; /* while fetching: what the service has sent so far */
+    xd_hashtab *items;   /* item id -> item */
+    xd_hashtab *pending; /* while fetching: what the service has sent so far */
+    xd_hashtab *dirty;   /* ids whose cache record is out of date (key == value) */
     lstate state;
     unsigned gen; /* bumped by every sync start: older replies are ignored */
     char *after;  /* RSM: the last item id of the previous page */
     int pages;
+    unsigned long refused; /* items of the current fetch that were too broad */
     double backoff;
     xd_timer *retry;
     int kick;              /* resync when the kick timer fires */
@@ -296,12 +211,8 @@ typedef struct ticket {
 typedef struct idx {
     unsigned count;
     const rlist *src;
+    char key[];
 } idx;
-
-typedef struct dcache {
-    char domain[256];
-    unsigned char digest[32];
-} dcache;
 
 struct rtbl {
     xd_module *m;
@@ -311,12 +222,11 @@ struct rtbl {
     int exempt_roster;
     long long resync_interval;
     xd_db *db;
-    hmap domains; /* prepared domain -> idx */
-    hmap hashes;  /* 32-byte digest -> idx */
+    xd_hashtab *domains; /* prepared domain -> idx */
+    xd_hashtab *hashes;  /* lowercase hex SHA-256 -> idx */
     tnode *v4, *v6;
     size_t nips;
-    dcache dcache[DCACHE_SIZE];
-    xd_timer *start, *periodic, *kick;
+    xd_timer *start, *periodic, *kick, *flush;
     ticket *tickets;
     double log_window;
     int log_lines;
@@ -370,13 +280,37 @@ sanitize(char *s)
             *s = ' ';
 }
 
+/* Remote text for a log line: at most size - 1 bytes ("..." when cut), not
+ * cut inside a UTF-8 sequence, no control characters.  Returns buf. */
+static char *
+clip(char *buf, size_t size, const char *s)
+{
+    size_t n = strlen(s);
+    if (n < size) {
+        memcpy(buf, s, n + 1);
+    } else {
+        size_t i = n = size - 4;
+        while (i > 0 && ((unsigned char)s[i - 1] & 0xC0) == 0x80)
+            i--;
+        if (i > 0 && (unsigned char)s[i - 1] >= 0xC0) {
+            unsigned char c = (unsigned char)s[i - 1];
+            if (n - (i - 1) < (size_t)(c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2))
+                n = i - 1; /* the last sequence is incomplete */
+        }
+        memcpy(buf, s, n);
+        memcpy(buf + n, "...", 4);
+    }
+    sanitize(buf);
+    return buf;
+}
+
 /* XEP-0377: "<reason>: <text>", short, from an item's <report/> (or NULL). */
 static char *
 report_summary(xmpp_stanza_t *item)
 {
     xmpp_stanza_t *rep = child_ns(item, "report", NS_REPORTING);
     const char *reason, *shortr;
-    char *text, buf[MAX_REPORT_LEN + 1];
+    char *text, *full, buf[MAX_REPORT_LEN + 1];
     size_t n;
 
     if (!rep)
@@ -392,36 +326,61 @@ report_summary(xmpp_stanza_t *item)
     }
     shortr = strrchr(reason, ':') ? strrchr(reason, ':') + 1 : reason;
     text = text_of(xmpp_stanza_get_child_by_name(rep, "text"));
-    snprintf(buf, sizeof(buf), "%s%s%s", shortr, text && *text ? ": " : "", text ? text : "");
-    free(text);
-    n = strlen(buf);
-    if (n == MAX_REPORT_LEN) { /* cut short: do not end inside a UTF-8 sequence */
-        while (n > 0 && ((unsigned char)buf[n - 1] & 0xC0) == 0x80)
-            n--;
-        if (n > 0 && (unsigned char)buf[n - 1] >= 0xC0)
-            n--;
-        buf[n] = '\0';
+    n = strlen(shortr) + (text ? strlen(text) + 2 : 0) + 1;
+    if (!(full = malloc(n))) {
+        free(text);
+        return NULL;
     }
-    sanitize(buf);
+    snprintf(full, n, "%s%s%s", shortr, text && *text ? ": " : "", text ? text : "");
+    free(text);
+    clip(buf, sizeof(buf), full);
+    free(full);
     return strdup(buf);
+}
+
+/* Remove an entry and free its value (which holds the key). */
+static int
+free_entry(const char *key, void *val, void *data)
+{
+    xd_hashtab_del(data, key);
+    free(val);
+    return 0;
+}
+
+static void
+tab_clear(xd_hashtab *t)
+{
+    if (t)
+        xd_hashtab_foreach(t, free_entry, t);
+}
+
+static void
+tab_free(xd_hashtab *t)
+{
+    tab_clear(t);
+    xd_hashtab_free(t);
+}
+
+static void
+sha256_hex(const char *s, char hex[65])
+{
+    static const char digits[] = "0123456789abcdef";
+    unsigned char d[32];
+    xd_sha256(s, strlen(s), d);
+    for (int i = 0; i < 32; i++) {
+        hex[2 * i] = digits[d[i] >> 4];
+        hex[2 * i + 1] = digits[d[i] & 15];
+    }
+    hex[64] = '\0';
 }
 
 /* ---- item ids -> lookup keys ---------------------------------------------------- */
 
 typedef struct nkey {
-    unsigned char b[XD_JID_PART_MAX + 1];
-    size_t len;
-    int v6, bits; /* K_IPS */
+    char s[XD_JID_PART_MAX + 1]; /* domains, sha256: the index key */
+    unsigned char a[16];         /* ips: the address, host bits cleared */
+    int v6, bits;
 } nkey;
-
-static int
-hexval(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    c = tolower(c);
-    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
 
 /* "a.b.c.d", "a.b.c.d/n", "v6", "v6/n"; host bits are cleared. */
 static int
@@ -437,13 +396,14 @@ parse_cidr(const char *s, nkey *k)
         return -1;
     memcpy(buf, s, n);
     buf[n] = '\0';
-    memset(k, 0, sizeof(*k));
-    if (inet_pton(AF_INET, buf, k->b) == 1) {
+    memset(k->a, 0, sizeof(k->a));
+    k->v6 = 0;
+    if (inet_pton(AF_INET, buf, k->a) == 1) {
         max = 32;
-    } else if (inet_pton(AF_INET6, buf, k->b) == 1) {
-        if (!memcmp(k->b, v4mapped, 12)) {
-            memmove(k->b, k->b + 12, 4);
-            memset(k->b + 4, 0, 12);
+    } else if (inet_pton(AF_INET6, buf, k->a) == 1) {
+        if (!memcmp(k->a, v4mapped, 12)) {
+            memmove(k->a, k->a + 12, 4);
+            memset(k->a + 4, 0, 12);
             max = 32;
             mapped = 1;
         } else {
@@ -470,8 +430,7 @@ parse_cidr(const char *s, nkey *k)
         k->bits = v;
     }
     for (int i = k->bits; i < max; i++)
-        k->b[i >> 3] &= (unsigned char)~(0x80 >> (i & 7));
-    k->len = max / 8;
+        k->a[i >> 3] &= (unsigned char)~(0x80 >> (i & 7));
     return 0;
 }
 
@@ -479,26 +438,22 @@ parse_cidr(const char *s, nkey *k)
 static int
 normalize(kind kd, const char *id, nkey *k)
 {
-    size_t n = strlen(id);
+    size_t n = strnlen(id, MAX_ID_LEN + 1);
 
     if (n == 0 || n > MAX_ID_LEN)
         return -1;
     switch (kd) {
     case K_DOMAINS:
-        if (xd_jid_prep_domain((char *)k->b, sizeof(k->b), id) != 0)
-            return -1;
-        k->len = strlen((char *)k->b);
-        return k->len ? 0 : -1;
+        return xd_jid_prep_domain(k->s, sizeof(k->s), id) == 0 && k->s[0] ? 0 : -1;
     case K_SHA256:
         if (n != 64)
             return -1;
-        for (int i = 0; i < 32; i++) {
-            int hi = hexval(id[2 * i]), lo = hexval(id[2 * i + 1]);
-            if (hi < 0 || lo < 0)
+        for (size_t i = 0; i < 64; i++) {
+            if (!isxdigit((unsigned char)id[i]))
                 return -1;
-            k->b[i] = (unsigned char)(hi << 4 | lo);
+            k->s[i] = (char)tolower((unsigned char)id[i]);
         }
-        k->len = 32;
+        k->s[64] = '\0';
         return 0;
     case K_IPS:
         return parse_cidr(id, k);
@@ -506,28 +461,76 @@ normalize(kind kd, const char *id, nkey *k)
     return -1;
 }
 
+/* Why a valid item would block too much (see the file header), or NULL. */
+static const char *
+too_broad(kind kd, const nkey *k)
+{
+    const char *last;
+
+    if (kd == K_IPS && k->bits < (k->v6 ? MIN_V6_BITS : MIN_V4_BITS))
+        return k->v6 ? "an IPv6 range shorter than /32" : "an IPv4 range shorter than /8";
+    if (kd != K_DOMAINS)
+        return NULL;
+    if (k->s[0] == '[')
+        return "an IP address, not a domain";
+    if (!(last = strrchr(k->s, '.')))
+        return "a single-label domain (every domain under it would be blocked)";
+    /* no top-level domain is all digits (RFC 3696 2): an address or junk */
+    if (strspn(last + 1, "0123456789") == strlen(last + 1))
+        return "an IP address, not a domain";
+    return NULL;
+}
+
+/* Whether an item id may enter list l: 0 yes (k is its key), -1 it is not
+ * of the list's kind, -2 it is too broad.  Logs (bounded) and counts what it
+ * refuses; *refused counts the refusals of one notification or resync. */
+static int
+item_check(rlist *l, const char *id, nkey *k, unsigned long *refused)
+{
+    char shown[MAX_LOG_ID + 1];
+    const char *why;
+
+    if (normalize(l->kind, id, k) != 0) {
+        xd_count(l->r->m, "items_invalid", 1);
+        if (l->invalid++ < 5)
+            xd_warn("rtbl: %s: item id '%s' is not %s; ignored", l->name,
+                    clip(shown, sizeof(shown), id), kind_what[l->kind]);
+        return -1;
+    }
+    if ((why = too_broad(l->kind, k))) {
+        xd_count(l->r->m, "items_refused", 1);
+        if ((*refused)++ < REFUSED_LOGGED)
+            xd_warn("rtbl: %s: item '%s' refused: %s", l->name, clip(shown, sizeof(shown), id),
+                    why);
+        return -2;
+    }
+    return 0;
+}
+
 /* ---- the lookup index ----------------------------------------------------------- */
 
 static int
 index_inc(rtbl *r, const rlist *l, const nkey *k)
 {
-    hent *e;
-    int created;
+    xd_hashtab *t = l->kind == K_DOMAINS ? r->domains : r->hashes;
     idx *x;
 
     if (l->kind == K_IPS) {
-        if (trie_add(k->v6 ? &r->v6 : &r->v4, k->b, k->bits, l) != 0)
+        if (trie_add(k->v6 ? &r->v6 : &r->v4, k->a, k->bits, l) != 0)
             return -1;
         r->nips++;
         return 0;
     }
-    if (!(e = hmap_add(l->kind == K_DOMAINS ? &r->domains : &r->hashes, k->b, k->len, &created)))
-        return -1;
-    if (created && !(e->val = calloc(1, sizeof(idx)))) {
-        free(hmap_unlink(l->kind == K_DOMAINS ? &r->domains : &r->hashes, k->b, k->len));
-        return -1;
+    if (!(x = xd_hashtab_get(t, k->s))) {
+        size_t n = strlen(k->s) + 1;
+        if (!(x = calloc(1, sizeof(*x) + n)))
+            return -1;
+        memcpy(x->key, k->s, n);
+        if (xd_hashtab_put(t, x->key, x) != 0) {
+            free(x);
+            return -1;
+        }
     }
-    x = e->val;
     x->count++;
     x->src = l;
     return 0;
@@ -536,113 +539,101 @@ index_inc(rtbl *r, const rlist *l, const nkey *k)
 static void
 index_dec(rtbl *r, const rlist *l, const nkey *k)
 {
-    hmap *t;
-    hent *e;
+    xd_hashtab *t = l->kind == K_DOMAINS ? r->domains : r->hashes;
     idx *x;
 
     if (l->kind == K_IPS) {
-        trie_del(k->v6 ? &r->v6 : &r->v4, k->b, k->bits, 0);
+        trie_del(k->v6 ? &r->v6 : &r->v4, k->a, k->bits, 0);
         if (r->nips)
             r->nips--;
         return;
     }
-    t = l->kind == K_DOMAINS ? &r->domains : &r->hashes;
-    if (!(e = hmap_find(t, k->b, k->len)))
-        return;
-    x = e->val;
-    if (--x->count == 0) {
-        e = hmap_unlink(t, k->b, k->len);
-        free(e->val);
-        free(e);
-    }
+    if ((x = xd_hashtab_get(t, k->s)) && --x->count == 0)
+        free(xd_hashtab_del(t, k->s));
 }
 
 /* ---- a list's items in memory --------------------------------------------------- */
 
-/* Add or update an item.  1 added or changed, 0 unchanged, -1 refused. */
+static item *
+item_new(const char *id, const char *report)
+{
+    size_t n = strlen(id) + 1, rn = report ? strlen(report) + 1 : 0;
+    item *it = malloc(sizeof(*it) + n + rn);
+    if (!it)
+        return NULL;
+    memcpy(it->id, id, n);
+    it->report = report ? memcpy(it->id + n, report, rn) : NULL;
+    return it;
+}
+
+/* Add or update an item (item_check accepted its id).  1 added or changed,
+ * 0 unchanged, -1 not kept. */
 static int
 mem_put(rlist *l, const char *id, const char *report)
 {
-    size_t len = strlen(id);
-    hent *e = hmap_find(&l->items, id, len);
+    item *old = xd_hashtab_get(l->items, id), *it;
     nkey k;
-    int created;
 
-    if (e) {
-        if ((!e->val && !report) || (e->val && report && !strcmp(e->val, report)))
-            return 0;
-        free(e->val);
-        e->val = report ? strdup(report) : NULL;
-        return 1;
-    }
-    if (normalize(l->kind, id, &k) != 0) {
-        if (l->invalid++ < 5)
-            xd_warn("rtbl: %s: item id '%.80s%s' is not %s; ignored", l->name, id,
-                    len > 80 ? "..." : "", kind_what[l->kind]);
+    if (old && (old->report ? report && !strcmp(old->report, report) : !report))
+        return 0;
+    /* the index must never hold what item_check refuses, whoever calls */
+    if (!old && (normalize(l->kind, id, &k) != 0 || too_broad(l->kind, &k)))
         return -1;
-    }
-    if (l->items.n >= MAX_ITEMS) {
+    if (!old && xd_hashtab_count(l->items) >= MAX_ITEMS) {
         if (l->invalid++ < 5)
             xd_warn("rtbl: %s: more than %d items; the rest is ignored", l->name, MAX_ITEMS);
         return -1;
     }
-    if (!(e = hmap_add(&l->items, id, len, &created)))
-        return -1;
-    if (index_inc(l->r, l, &k) != 0) {
-        free(hmap_unlink(&l->items, id, len));
+    if (!(it = item_new(id, report)) || xd_hashtab_put(l->items, it->id, it) != 0) {
+        free(it);
         return -1;
     }
-    e->val = report ? strdup(report) : NULL;
+    if (old) {
+        free(old);
+        return 1;
+    }
+    if (index_inc(l->r, l, &k) != 0) {
+        xd_hashtab_del(l->items, it->id);
+        free(it);
+        return -1;
+    }
     return 1;
 }
 
 static int
 mem_del(rlist *l, const char *id)
 {
-    hent *e = hmap_unlink(&l->items, id, strlen(id));
+    item *it = xd_hashtab_del(l->items, id);
     nkey k;
 
-    if (!e)
+    if (!it)
         return 0;
-    if (normalize(l->kind, id, &k) == 0)
+    if (normalize(l->kind, it->id, &k) == 0)
         index_dec(l->r, l, &k);
-    free(e->val);
-    free(e);
+    free(it);
     return 1;
 }
 
-static void
-mem_clear(rlist *l)
-{
-    for (size_t i = 0; i < l->items.nb; i++)
-        for (hent *e = l->items.b[i]; e; e = e->next) {
-            nkey k;
-            if (normalize(l->kind, (const char *)e->key, &k) == 0)
-                index_dec(l->r, l, &k);
-        }
-    hmap_clear(&l->items, free);
-}
-
-/* The pending set of a fetch (no index: it is not enforced until reconciled). */
+/* The pending set of a fetch (no index: it is not enforced until reconciled);
+ * only ids item_check accepted. */
 static void
 pending_put(rlist *l, const char *id, const char *report)
 {
-    int created;
-    hent *e;
-    if (l->pending.n >= MAX_ITEMS || !(e = hmap_add(&l->pending, id, strlen(id), &created)))
+    item *old = xd_hashtab_get(l->pending, id), *it;
+
+    if ((!old && xd_hashtab_count(l->pending) >= MAX_ITEMS) || !(it = item_new(id, report)))
         return;
-    free(e->val);
-    e->val = report ? strdup(report) : NULL;
+    if (xd_hashtab_put(l->pending, it->id, it) != 0) {
+        free(it);
+        return;
+    }
+    free(old);
 }
 
 static void
 pending_del(rlist *l, const char *id)
 {
-    hent *e = hmap_unlink(&l->pending, id, strlen(id));
-    if (e) {
-        free(e->val);
-        free(e);
-    }
+    free(xd_hashtab_del(l->pending, id));
 }
 
 /* ---- the cache ------------------------------------------------------------------ */
@@ -665,8 +656,6 @@ db_put(rlist *l, xd_txn *txn, const char *id, const char *report)
     char *key;
     size_t klen;
     int rc;
-    if (!l->r->db)
-        return 0;
     if (db_key(l, id, &key, &klen) != 0)
         return -1;
     rc = xd_db_put(l->r->db, txn, key, klen, report ? report : "", report ? strlen(report) : 0);
@@ -680,8 +669,6 @@ db_del(rlist *l, xd_txn *txn, const char *id)
     char *key;
     size_t klen;
     int rc;
-    if (!l->r->db)
-        return 0;
     if (db_key(l, id, &key, &klen) != 0)
         return -1;
     rc = xd_db_del(l->r->db, txn, key, klen);
@@ -689,32 +676,95 @@ db_del(rlist *l, xd_txn *txn, const char *id)
     return rc == XD_NOTFOUND ? 0 : rc;
 }
 
-/* One transaction per change; a failed cache write is logged, the list in
- * memory (what is enforced) is already right. */
-static xd_txn *
-txn_begin(rtbl *r)
+typedef struct flush_ctx {
+    rlist *l;
+    xd_txn *txn;
+    int ok;
+} flush_ctx;
+
+/* Write an item's record as it is in memory now (absent: deleted). */
+static int
+flush_item(const char *id, void *val, void *data)
 {
-    xd_txn *txn = NULL;
-    if (r->db && xd_txn_begin(&txn) != 0)
-        return NULL;
-    return txn;
+    flush_ctx *c = data;
+    item *it = xd_hashtab_get(c->l->items, id);
+
+    if (c->txn)
+        c->ok &= (it ? db_put(c->l, c->txn, id, it->report) : db_del(c->l, c->txn, id)) == 0;
+    xd_hashtab_del(c->l->dirty, id);
+    free(val);
+    return 0;
+}
+
+/* Write every marked change in one transaction.  A failed write is logged;
+ * the lists in memory (what is enforced) are right all the same. */
+static void
+cache_flush(rtbl *r)
+{
+    flush_ctx c = {.ok = 1};
+    size_t n = 0;
+
+    if (r->flush) {
+        xd_timer_stop(r->flush);
+        r->flush = NULL;
+    }
+    for (int i = 0; i < r->nlists; i++)
+        n += r->lists[i].dirty ? xd_hashtab_count(r->lists[i].dirty) : 0;
+    if (!r->db || !n)
+        return;
+    if (xd_txn_begin(&c.txn) != 0)
+        c.txn = NULL;
+    for (int i = 0; i < r->nlists; i++) {
+        c.l = &r->lists[i];
+        xd_hashtab_foreach(c.l->dirty, flush_item, &c);
+    }
+    if (c.txn && c.ok && xd_txn_commit(c.txn) == 0) {
+        xd_debug("rtbl: cache: %zu change(s) written", n);
+        return;
+    }
+    if (c.txn && !c.ok)
+        xd_txn_abort(c.txn);
+    xd_warn("rtbl: the cache could not be updated (%zu changes; the lists in memory are current)",
+            n);
 }
 
 static void
-txn_end(rtbl *r, xd_txn *txn, int ok, const rlist *l)
+flush_cb(void *data)
 {
-    if (!r->db || !txn)
+    rtbl *r = data;
+    r->flush = NULL; /* a spent one-shot timer */
+    cache_flush(r);
+}
+
+/* Note that id's record must be rewritten.  The writes are batched: a
+ * durable commit per notification would block the event loop on fsync as
+ * often as the service publishes.  A crash loses at most the last
+ * FLUSH_DELAY of changes, which is fine for a cache: the resync at start
+ * fetches the whole list and repairs it. */
+static void
+cache_mark(rlist *l, const char *id)
+{
+    rtbl *r = l->r;
+    char *s;
+
+    if (!r->db || xd_hashtab_get(l->dirty, id))
         return;
-    if (ok && xd_txn_commit(txn) == 0)
+    if (!(s = strdup(id)) || xd_hashtab_put(l->dirty, s, s) != 0) {
+        free(s);
+        xd_warn("rtbl: %s: out of memory: the cache may keep a stale record until a restart",
+                l->name);
         return;
-    if (!ok)
-        xd_txn_abort(txn);
-    xd_warn("rtbl: %s: the cache could not be updated (the list in memory is current)", l->name);
+    }
+    if (xd_hashtab_count(l->dirty) >= MAX_DIRTY)
+        cache_flush(r);
+    else if (!r->flush)
+        r->flush = xd_timer_start(r->m, FLUSH_DELAY, 0, flush_cb, r);
 }
 
 typedef struct load_ctx {
     rtbl *r;
     size_t loaded;
+    unsigned long refused;
     char **stale;
     size_t *stale_len;
     size_t nstale, capstale;
@@ -726,6 +776,8 @@ load_record(const void *key, size_t klen, const void *val, size_t vlen, void *da
     load_ctx *c = data;
     const char *k = key;
     char id[MAX_ID_LEN + 1], *report = NULL;
+    nkey nk;
+    int kept = 0;
 
     for (int i = 0; i < c->r->nlists; i++) {
         rlist *l = &c->r->lists[i];
@@ -736,16 +788,22 @@ load_record(const void *key, size_t klen, const void *val, size_t vlen, void *da
             break;
         memcpy(id, k + l->dbplen, n);
         id[n] = '\0';
+        /* cached by an older version, perhaps, with other rules: checked again */
+        if (item_check(l, id, &nk, &c->refused) != 0)
+            break;
         if (vlen && (report = malloc(vlen + 1))) {
             memcpy(report, val, vlen);
             report[vlen] = '\0';
+            sanitize(report);
         }
-        if (mem_put(l, id, report) > 0)
-            c->loaded++;
+        kept = mem_put(l, id, report) >= 0;
+        c->loaded += kept;
         free(report);
-        return 0;
+        break;
     }
-    /* a list no longer configured (or a bad record): remove it afterwards */
+    if (kept)
+        return 0;
+    /* a list no longer configured, or a bad record: remove it afterwards */
     if (c->nstale == c->capstale) {
         size_t cap = c->capstale ? c->capstale * 2 : 64;
         char **s = realloc(c->stale, cap * sizeof(*s));
@@ -772,7 +830,7 @@ cache_load(rtbl *r)
 
     if (xd_db_foreach(r->db, NULL, NULL, 0, load_record, &c) < 0)
         xd_warn("rtbl: the cache could not be read completely");
-    if (c.nstale && (txn = txn_begin(r))) {
+    if (c.nstale && xd_txn_begin(&txn) == 0) {
         int ok = 1;
         for (size_t i = 0; i < c.nstale; i++)
             ok &= xd_db_del(r->db, txn, c.stale[i], c.stale_len[i]) >= 0;
@@ -781,14 +839,15 @@ cache_load(rtbl *r)
                 xd_txn_abort(txn);
             xd_warn("rtbl: could not remove cached items of lists no longer configured");
         } else
-            xd_info("rtbl: removed %zu cached items of lists no longer configured", c.nstale);
+            xd_info("rtbl: removed %zu cached items of lists no longer configured or refused",
+                    c.nstale);
     }
     for (size_t i = 0; i < c.nstale; i++)
         free(c.stale[i]);
     free(c.stale);
     free(c.stale_len);
     xd_info("rtbl: %zu items loaded from the cache (%zu domains, %zu hashes, %zu address ranges)",
-            c.loaded, r->domains.n, r->hashes.n, r->nips);
+            c.loaded, xd_hashtab_count(r->domains), xd_hashtab_count(r->hashes), r->nips);
 }
 
 /* ---- changes from the service --------------------------------------------------- */
@@ -797,83 +856,111 @@ static void
 apply_publish(rlist *l, xmpp_stanza_t *items)
 {
     rtbl *r = l->r;
-    xd_txn *txn = txn_begin(r);
-    int ok = 1, n = 0;
+    unsigned long listed = 0, unlisted = 0, refused = 0;
+    const char *first = NULL;
+    char shown[MAX_LOG_ID + 1];
 
     for (xmpp_stanza_t *c = xmpp_stanza_get_children(items); c; c = xmpp_stanza_get_next(c)) {
         const char *id;
+        nkey k;
         if (name_is(c, "item") && (id = xmpp_stanza_get_id(c))) {
-            char *report = report_summary(c);
+            char *report;
+            if (item_check(l, id, &k, &refused) != 0)
+                continue;
+            report = report_summary(c);
             if (l->state == S_FETCHING)
                 pending_put(l, id, report);
             if (mem_put(l, id, report) > 0) {
-                ok &= db_put(l, txn, id, report) == 0;
-                xd_info("rtbl: %s: listed %s%s%s", l->name, id, report ? " -- " : "",
-                        report ? report : "");
-                n++;
+                cache_mark(l, id);
+                xd_debug("rtbl: %s: listed %s%s%s", l->name, id, report ? " -- " : "",
+                         report ? report : "");
+                first = first ? first : id;
+                listed++;
             }
             free(report);
         } else if (name_is(c, "retract") && (id = xmpp_stanza_get_id(c))) {
             if (l->state == S_FETCHING)
                 pending_del(l, id);
             if (mem_del(l, id)) {
-                ok &= db_del(l, txn, id) == 0;
-                xd_info("rtbl: %s: unlisted %s", l->name, id);
-                n++;
+                cache_mark(l, id);
+                xd_debug("rtbl: %s: unlisted %s", l->name, id);
+                first = first ? first : id;
+                unlisted++;
             }
         }
     }
-    xd_count(r->m, "items_changed", (unsigned long)n);
-    txn_end(r, txn, ok, l);
+    xd_count(r->m, "items_changed", listed + unlisted);
+    /* one line per notification, whatever the service packs into it */
+    if (listed || unlisted || refused)
+        xd_info("rtbl: %s: update: %lu listed, %lu unlisted, %lu refused%s%s", l->name, listed,
+                unlisted, refused, first ? "; first: " : "",
+                first ? clip(shown, sizeof(shown), first) : "");
+}
+
+static int
+purge_item(const char *id, void *val, void *data)
+{
+    (void)val;
+    cache_mark(data, id);
+    mem_del(data, id);
+    return 0;
 }
 
 static void
 apply_purge(rlist *l, const char *what)
 {
-    rtbl *r = l->r;
-    xd_txn *txn = txn_begin(r);
-    int ok = 1;
-    size_t n = l->items.n;
+    size_t n = xd_hashtab_count(l->items);
 
-    for (size_t i = 0; i < l->items.nb; i++)
-        for (hent *e = l->items.b[i]; e; e = e->next)
-            ok &= db_del(l, txn, (const char *)e->key) == 0;
-    txn_end(r, txn, ok, l);
-    mem_clear(l);
+    xd_hashtab_foreach(l->items, purge_item, l);
     if (l->state == S_FETCHING)
-        hmap_clear(&l->pending, free);
+        tab_clear(l->pending);
     xd_info("rtbl: %s: %s; %zu items unlisted", l->name, what, n);
+}
+
+typedef struct sync_ctx {
+    rlist *l;
+    size_t added, removed;
+} sync_ctx;
+
+static int
+sync_drop(const char *id, void *val, void *data)
+{
+    sync_ctx *c = data;
+    (void)val;
+    if (!xd_hashtab_get(c->l->pending, id)) {
+        cache_mark(c->l, id);
+        mem_del(c->l, id);
+        c->removed++;
+    }
+    return 0;
+}
+
+static int
+sync_add(const char *id, void *val, void *data)
+{
+    sync_ctx *c = data;
+    if (mem_put(c->l, id, ((item *)val)->report) > 0) {
+        cache_mark(c->l, id);
+        c->added++;
+    }
+    return 0;
 }
 
 /* Full resync: the list becomes exactly what the service returned. */
 static void
 reconcile(rlist *l)
 {
-    rtbl *r = l->r;
-    xd_txn *txn = txn_begin(r);
-    int ok = 1;
-    size_t added = 0, removed = 0;
+    sync_ctx c = {.l = l};
+    char refused[48] = "";
 
-    for (size_t i = 0; i < l->items.nb; i++)
-        for (hent *e = l->items.b[i], *next; e; e = next) {
-            next = e->next; /* mem_del frees e */
-            if (!hmap_find(&l->pending, e->key, e->klen)) {
-                ok &= db_del(l, txn, (const char *)e->key) == 0;
-                mem_del(l, (const char *)e->key);
-                removed++;
-            }
-        }
-    for (size_t i = 0; i < l->pending.nb; i++)
-        for (hent *e = l->pending.b[i]; e; e = e->next)
-            if (mem_put(l, (const char *)e->key, e->val) > 0) {
-                ok &= db_put(l, txn, (const char *)e->key, e->val) == 0;
-                added++;
-            }
-    txn_end(r, txn, ok, l);
-    hmap_clear(&l->pending, free);
-    xd_info("rtbl: %s: synchronized: %zu items (%zu added or changed, %zu removed)", l->name,
-            l->items.n, added, removed);
-    xd_count(r->m, "resyncs", 1);
+    xd_hashtab_foreach(l->items, sync_drop, &c);
+    xd_hashtab_foreach(l->pending, sync_add, &c);
+    tab_clear(l->pending);
+    if (l->refused)
+        snprintf(refused, sizeof(refused), "; %lu refused", l->refused);
+    xd_info("rtbl: %s: synchronized: %zu items (%zu added or changed, %zu removed)%s", l->name,
+            xd_hashtab_count(l->items), c.added, c.removed, refused);
+    xd_count(l->r->m, "resyncs", 1);
 }
 
 /* ---- talking to the service ----------------------------------------------------- */
@@ -928,12 +1015,12 @@ sync_failed(rlist *l, const char *step, xmpp_stanza_t *reply)
         sanitize(text);
     l->backoff = l->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : l->backoff * 2;
     l->state = S_WAITING;
-    hmap_clear(&l->pending, free);
+    tab_clear(l->pending);
     free(l->after);
     l->after = NULL;
     xd_warn("rtbl: %s: %s failed (%s%s%s); keeping the %zu items we have, retrying in %.0f s",
-            l->name, step, error_condition(reply), text ? ": " : "", text ? text : "", l->items.n,
-            delay);
+            l->name, step, error_condition(reply), text ? ": " : "", text ? text : "",
+            xd_hashtab_count(l->items), delay);
     free(text);
     xd_count(l->r->m, "sync_failures", 1);
     if (l->retry)
@@ -1020,11 +1107,14 @@ items_reply(xmpp_stanza_t *reply, void *data)
     }
     for (xmpp_stanza_t *c = xmpp_stanza_get_children(items); c; c = xmpp_stanza_get_next(c)) {
         const char *id = name_is(c, "item") ? xmpp_stanza_get_id(c) : NULL;
+        nkey k;
         if (id) {
-            char *report = report_summary(c);
-            pending_put(l, id, report);
-            free(report);
-            got++;
+            got++; /* a page of junk is still a page */
+            if (item_check(l, id, &k, &l->refused) == 0) {
+                char *report = report_summary(c);
+                pending_put(l, id, report);
+                free(report);
+            }
         }
     }
     /* XEP-0060 6.5.4 / XEP-0059: a service may return a page only. */
@@ -1034,7 +1124,7 @@ items_reply(xmpp_stanza_t *reply, void *data)
         count = text_of(xmpp_stanza_get_child_by_name(set, "count"));
     }
     if (set && last && *last && got > 0 && (!l->after || strcmp(last, l->after) != 0) &&
-        (!count || strtoul(count, NULL, 10) > l->pending.n)) {
+        (!count || strtoul(count, NULL, 10) > xd_hashtab_count(l->pending))) {
         if (l->pages >= MAX_PAGES) {
             xd_warn("rtbl: %s: more than %d pages of items; using what we have", l->name,
                     MAX_PAGES);
@@ -1081,7 +1171,8 @@ subscribe_reply(xmpp_stanza_t *reply, void *data)
     /* Subscribed first, then fetched: nothing published in between is missed. */
     l->state = S_FETCHING;
     l->pages = 0;
-    hmap_clear(&l->pending, free);
+    l->refused = 0;
+    tab_clear(l->pending);
     fetch_page(l);
 }
 
@@ -1098,7 +1189,7 @@ sync_start(rlist *l)
     l->gen++;
     l->kick = 0;
     l->state = S_SUBSCRIBING;
-    hmap_clear(&l->pending, free);
+    tab_clear(l->pending);
     free(l->after);
     l->after = NULL;
     iq = pubsub_iq(l, "set", &pubsub);
@@ -1238,52 +1329,33 @@ host_stanza(xd_event *ev, void *data)
     return XD_HANDLED;
 }
 
-/* The domain's SHA-256, from a small cache: spam usually comes from few domains. */
-static const unsigned char *
-domain_digest(rtbl *r, const char *domain, unsigned char tmp[32])
-{
-    size_t n = strlen(domain);
-    dcache *c;
-
-    if (n >= sizeof(c->domain)) {
-        xd_sha256(domain, n, tmp);
-        return tmp;
-    }
-    c = &r->dcache[hash_bytes(domain, n) % DCACHE_SIZE];
-    if (strcmp(c->domain, domain) != 0) {
-        xd_sha256(domain, n, c->digest);
-        memcpy(c->domain, domain, n + 1);
-    }
-    return c->digest;
-}
-
 /* Which list names this sender, and how (for the log); NULL if none. */
 static const rlist *
 lookup_jid(rtbl *r, const xd_jid *from, const char **how)
 {
-    hent *e;
+    idx *x;
 
-    if (r->domains.n) {
+    if (xd_hashtab_count(r->domains)) {
         /* the domain, or a parent: a listed spam domain's subdomains are its own */
         for (const char *d = from->domain; d; d = strchr(d, '.') ? strchr(d, '.') + 1 : NULL)
-            if (*d && (e = hmap_find(&r->domains, d, strlen(d)))) {
+            if (*d && (x = xd_hashtab_get(r->domains, d))) {
                 *how = d == from->domain ? "domain" : "parent domain";
-                return ((idx *)e->val)->src;
+                return x->src;
             }
     }
-    if (r->hashes.n) {
-        unsigned char dig[32], tmp[32];
-        char bare[XD_JID_STR_MAX];
+    if (xd_hashtab_count(r->hashes)) {
+        char hex[65], bare[XD_JID_STR_MAX];
         if (from->local[0] && xd_jid_format(from, 0, bare, sizeof(bare)) > 0) {
-            xd_sha256(bare, strlen(bare), dig);
-            if ((e = hmap_find(&r->hashes, dig, 32))) {
+            sha256_hex(bare, hex);
+            if ((x = xd_hashtab_get(r->hashes, hex))) {
                 *how = "JID hash";
-                return ((idx *)e->val)->src;
+                return x->src;
             }
         }
-        if ((e = hmap_find(&r->hashes, domain_digest(r, from->domain, tmp), 32))) {
+        sha256_hex(from->domain, hex);
+        if ((x = xd_hashtab_get(r->hashes, hex))) {
             *how = "domain hash";
-            return ((idx *)e->val)->src;
+            return x->src;
         }
     }
     return NULL;
@@ -1314,23 +1386,20 @@ log_allowed(rtbl *r)
 static const char *
 report_for(const rlist *l, const xd_jid *from, const char *how)
 {
-    hent *e = NULL;
+    item *it = NULL;
     if (l->kind == K_DOMAINS) {
-        for (const char *d = from->domain; d && !e; d = strchr(d, '.') ? strchr(d, '.') + 1 : NULL)
-            e = hmap_find(&l->items, d, strlen(d));
+        for (const char *d = from->domain; d && !it; d = strchr(d, '.') ? strchr(d, '.') + 1 : NULL)
+            it = xd_hashtab_get(l->items, d);
     } else if (l->kind == K_SHA256) {
-        unsigned char dig[32];
         char bare[XD_JID_STR_MAX], hex[65];
         if (!strcmp(how, "JID hash"))
             xd_jid_format(from, 0, bare, sizeof(bare));
         else
             snprintf(bare, sizeof(bare), "%s", from->domain);
-        xd_sha256(bare, strlen(bare), dig);
-        for (int i = 0; i < 32; i++)
-            snprintf(hex + 2 * i, 3, "%02x", dig[i]);
-        e = hmap_find(&l->items, hex, 64);
+        sha256_hex(bare, hex);
+        it = xd_hashtab_get(l->items, hex);
     }
-    return e && e->val ? e->val : NULL;
+    return it ? it->report : NULL;
 }
 
 /* XD_HOOK_ROUTE: a listed remote sender does not reach local accounts. */
@@ -1341,7 +1410,8 @@ route_hook(xd_event *ev, void *data)
     const rlist *l;
     const char *how = NULL;
 
-    if (!ev->from || !ev->to || !ev->to->local[0] || (!r->domains.n && !r->hashes.n))
+    if (!ev->from || !ev->to || !ev->to->local[0] ||
+        (!xd_hashtab_count(r->domains) && !xd_hashtab_count(r->hashes)))
         return XD_PASS;
     if (xd_is_local_host(ev->from->domain) || !xd_is_local_host(ev->to->domain))
         return XD_PASS;
@@ -1496,8 +1566,12 @@ parse_list(rtbl *r, const char *spec, char *err, size_t errlen)
     l->dbplen = strlen(bare) + 1 + strlen(node) + 1;
     l->dbprefix = malloc(l->dbplen);
     l->name = malloc(strlen(bare) + strlen(node) + 2);
+    l->items = xd_hashtab_new(0);
+    l->pending = xd_hashtab_new(0);
+    l->dirty = xd_hashtab_new(0);
     r->nlists++; /* from here on unload frees it */
-    if (!l->service || !l->node || !l->dbprefix || !l->name) {
+    if (!l->service || !l->node || !l->dbprefix || !l->name || !l->items || !l->pending ||
+        !l->dirty) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -1528,6 +1602,8 @@ rtbl_load(xd_module *m)
         return -1;
     xd_module_set_data(m, r);
     r->m = m;
+    if (!(r->domains = xd_hashtab_new(0)) || !(r->hashes = xd_hashtab_new(0)))
+        return -1;
     r->exempt_roster = xd_config_bool(m, "exempt_roster", 1);
     r->resync_interval = xd_config_int(m, "resync_interval", 3600);
     if (r->resync_interval != 0 && (r->resync_interval < 60 || r->resync_interval > 604800)) {
@@ -1579,21 +1655,24 @@ rtbl_unload(xd_module *m)
     xd_timer_stop(r->start);
     xd_timer_stop(r->periodic);
     xd_timer_stop(r->kick);
+    /* the store closes after the modules unload: write what is pending */
+    cache_flush(r);
     while (r->tickets) /* the core forgets our pending IQs without calling back */
         ticket_take(r->tickets);
     for (int i = 0; i < r->nlists; i++) {
         rlist *l = &r->lists[i];
         xd_timer_stop(l->retry);
-        hmap_clear(&l->items, free);
-        hmap_clear(&l->pending, free);
+        tab_free(l->items);
+        tab_free(l->pending);
+        tab_free(l->dirty);
         free(l->after);
         free(l->service);
         free(l->node);
         free(l->name);
         free(l->dbprefix);
     }
-    hmap_clear(&r->domains, free);
-    hmap_clear(&r->hashes, free);
+    tab_free(r->domains);
+    tab_free(r->hashes);
     trie_free(r->v4);
     trie_free(r->v6);
     free(r);

@@ -398,6 +398,7 @@ def test_jid_hash_blocks_within_a_second_and_retract_restores(rt, people):
 def test_domain_listed_blocks_every_jid_of_it(rt, people, fed_clients):
     alice, spammer, other = people
     bob = fed_clients(rt.xmppd, "bob")
+    mark = rt.xmppd.mark()
     t0 = rt.publish(DOMAINS_NODE, SPAM, "spam server")
     wait_state(spammer, alice, False, t0, what="spammer, domain listed")
     assert not delivered(other, alice)
@@ -407,6 +408,15 @@ def test_domain_listed_blocks_every_jid_of_it(rt, people, fed_clients):
     t1 = rt.retract(DOMAINS_NODE, SPAM)
     wait_state(other, alice, True, t1, what="other, domain unlisted")
     assert delivered(spammer, alice)
+    # one info line per notification; the items themselves at debug level
+    log = rt.xmppd.log()[mark:]
+    name = re.escape("%s/%s" % (RTBL, DOMAINS_NODE))
+    for line in (r"info: rtbl: %s: update: 1 listed, 0 unlisted, 0 refused; first: %s$",
+                 r"info: rtbl: %s: update: 0 listed, 1 unlisted, 0 refused; first: %s$",
+                 r"debug: rtbl: %s: listed %s -- spam: spam server$",
+                 r"debug: rtbl: %s: unlisted %s$"):
+        assert len(re.findall(line % (name, re.escape(SPAM)), log, re.M)) == 1, line
+    assert not re.search(r"info: rtbl: [^\n]*: (un)?listed ", log), log[-3000:]
 
 
 def test_hash_of_a_bare_domain_blocks_the_domain(rt, people):
@@ -501,6 +511,71 @@ def test_listed_addresses_are_refused_at_accept_for_s2s_only(rt):
     wait_s2s(rt.xmppd, listed, True, t1, "address unlisted")
     # and federation from the real peer still works all along
     assert rt.xmppd.running()
+
+
+# ------------------------------------------------------------------ what no list can do
+
+BROAD_IPS = {                      # every test address is in 127/8
+    "0.0.0.0/0": "an IPv4 range shorter than /8",
+    "::/0": "an IPv6 range shorter than /32",
+    "::ffff:0.0.0.0/96": "an IPv4 range shorter than /8",      # mapped: /0
+    "126.0.0.0/7": "an IPv4 range shorter than /8",            # 126-127.*
+    "::ffff:126.0.0.0/103": "an IPv4 range shorter than /8",   # mapped: /7
+    "2000::/3": "an IPv6 range shorter than /32",
+}
+
+
+def rtbl_stat(xmppd, name):
+    mark = xmppd.mark()
+    xmppd.proc.send_signal(signal.SIGUSR1)
+    return int(xmppd.wait_log(r"stats: rtbl\.%s=(\d+)" % name, since=mark)[0])
+
+
+def test_too_broad_items_are_refused_and_block_nothing(rt, people):
+    """A mistaken or compromised service cannot cut federation off with one
+    item: address ranges shorter than /8 (IPv4, and IPv4-mapped IPv6 judged
+    as IPv4) or /32 (IPv6), and on domain lists single-label domains (the
+    parent of every domain under a TLD: "test" would match spam.test) and IP
+    addresses are refused, logged and counted; so they are when a resync
+    finds them in the node."""
+    alice, spammer, other = people
+    listed = rt.fed.net.client_addr
+    broad_domains = {"test": "a single-label domain", "TEST.": "a single-label domain",
+                     "[::1]": "an IP address", listed: "an IP address"}
+    mark = rt.xmppd.mark()
+    for ip in BROAD_IPS:
+        rt.publish(IPS_NODE, ip, "everyone")
+    for d in broad_domains:
+        rt.publish(DOMAINS_NODE, d, "everyone")
+    rt.publish(CUSTOM_NODE, "test", "everyone")
+    # the shortest range allowed is listed (no test address is in 10/8)
+    rt.publish(IPS_NODE, "10.0.0.0/8", "a big range, still possible")
+    rt.xmppd.wait_log(r"update: 1 listed, 0 unlisted, 0 refused; first: 10\.0\.0\.0/8",
+                      since=mark)
+    # notifications are applied in order: every broad one was seen by now,
+    # and nothing is blocked: not the senders, not the peers' addresses
+    assert delivered(spammer, alice)
+    assert delivered(other, alice)
+    assert b"<stream:stream" in raw_s2s_answer(rt.xmppd, listed)
+    log = rt.xmppd.log()[mark:]
+    assert len(re.findall(r"rtbl: %s/\S+: update: 0 listed, 0 unlisted, 1 refused$"
+                          % re.escape(RTBL), log, re.M)) == len(BROAD_IPS) + len(broad_domains) + 1
+    for item, why in list(BROAD_IPS.items()) + list(broad_domains.items()):
+        assert "item '%s' refused: %s" % (item, why) in log, (item, log[-3000:])
+
+    # a resync fetches them again: refused again, before they are kept
+    mark = rt.xmppd.mark()
+    rt.xmppd.proc.send_signal(signal.SIGHUP)
+    for node, kept, refused in ((IPS_NODE, 1, len(BROAD_IPS)),
+                                (DOMAINS_NODE, 0, len(broad_domains)), (CUSTOM_NODE, 0, 1)):
+        rt.xmppd.wait_log(r"(?m)%s/%s: synchronized: %d items \(0 added or changed, 0 removed\); "
+                          r"%d refused$" % (re.escape(RTBL), node, kept, refused), since=mark)
+    rt.xmppd.wait_log(r"rtbl: %s/\S+: synchronized" % re.escape(RTBL), since=mark,
+                      count=len(NODES))
+    assert delivered(spammer, alice)
+    assert b"<stream:stream" in raw_s2s_answer(rt.xmppd, listed)
+    total = 2 * (len(BROAD_IPS) + len(broad_domains) + 1)
+    assert rtbl_stat(rt.xmppd, "items_refused") >= total
 
 
 # ------------------------------------------------------------------ what "dropped" means
@@ -697,6 +772,52 @@ def test_cache_blocks_from_the_first_second_and_resync_reconciles(rt, people, fe
     assert delivered(spammer, alice)
     assert not delivered(other, alice)
     rt.retract(JIDS_NODE, sha("other@" + SPAM))
+
+
+def test_cache_writes_are_batched_and_survive_a_crash(rt, people, fed_clients):
+    """Changes reach the cache in one transaction within about a second
+    (not one fsync per notification), and what was written survives kill -9."""
+    alice, spammer, other = people
+    srv = rt.xmppd
+    fillers = [sha("filler%d@%s" % (i, SPAM)) for i in range(4)]
+    mark = srv.mark()
+    for f in fillers:
+        rt.publish(JIDS_NODE, f, "filler")
+    t0 = rt.publish(JIDS_NODE, sha("spammer@" + SPAM), "cached before the crash")
+    wait_state(spammer, alice, False, t0, what="listed")
+    # the write that follows the last change (every marked change goes into it)
+    log = srv.log()
+    first = log.index("listed %s" % fillers[0], mark)
+    last = log.index("listed %s" % sha("spammer@" + SPAM), mark)
+    srv.wait_log(r"rtbl: cache: \d+ change\(s\) written", since=last, timeout=5)
+    writes = re.findall(r"rtbl: cache: \d+ change\(s\) written", srv.log()[first:])
+    assert 1 <= len(writes) <= 2, writes          # five notifications
+    for c in (alice, spammer, other):
+        c.close()
+    srv.proc.kill()
+    srv.proc.wait(5)
+    srv.terminate()
+    # restarted where the service cannot be reached: only the cache can block
+    dead = "%s.%d" % (rt.fed.net.base, 250)
+    srv.write_config(static_routes=["%s=%s:%d" % (RTBL, dead, free_port(host="127.0.0.1"))])
+    mark = srv.mark()
+    srv.start()
+    try:
+        srv.wait_log(r"rtbl: 5 items loaded from the cache", since=mark)
+        alice = fed_clients(srv, "alice")
+        spammer = fed_clients(rt.prosody, "spammer")
+        other = fed_clients(rt.prosody, "other")
+        assert not delivered(spammer, alice), "the cached listing did not survive kill -9"
+        assert delivered(other, alice)
+        for c in (alice, spammer, other):
+            c.close()
+    finally:
+        assert srv.terminate() == 0
+        srv.write_config()
+    mark = srv.mark()
+    srv.start()
+    srv.wait_log(r"rtbl: %s/\S+: synchronized" % re.escape(RTBL), since=mark, timeout=20,
+                 count=len(NODES))
 
 
 # ------------------------------------------------------------------ configuration
