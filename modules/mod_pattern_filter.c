@@ -53,20 +53,34 @@
  *     one per top-level branch, at least 3 bytes; of the runs, the one least
  *     likely in ordinary text) goes into the same automaton, and regexes are
  *     combined in small groups (<= 4, sorted by that literal): a group runs
- *     only when the pass found one of its literals.  Regexes without such a
+ *     only when the pass found one of its literals.  The literal is read
+ *     from plain characters outside groups, classes and escapes; a regex
+ *     with syntax that reading does not follow (octal, \Q...\E, comments,
+ *     callouts, (?x), POSIX classes) gets none.  Regexes without a
  *     literal (say `\d{12,}`) are combined into as few patterns as PCRE2's
  *     size limit allows and run on every scanned stanza (each adds about
- *     1 us per 200-byte body); they are named in the log at load.  A pathological regex is bounded
- * by `match_limit` (and a 512 KiB JIT stack): a limit hit counts as no match, is counted
- * (limit_hits) and logged.
+ *     1 us per 200-byte body); they are named in the log at load.
+ *
+ * Bounds on regex time: each match by `match_limit` (and a 512 KiB JIT
+ * stack; without JIT, a backtracking depth of 10,000 and 4 MiB of heap); a
+ * limit hit counts as no match, is counted (limit_hits) and logged.  Each
+ * stanza by `max_scan_ms` (default 20) of regexes, after which the rest are
+ * skipped.  All stanzas together by `max_scan_share` (default 25): the
+ * percent of one CPU that regexes may use, averaged through a bucket of one
+ * second's worth; when it is used up, regexes are skipped (literals still
+ * apply) until half of it is back, counted (regex_skipped) and logged at
+ * most every 10 s.  A flood aimed at a slow regex then suspends the regex
+ * rules for a while (for every sender; literals still apply) instead of
+ * taking the server's CPU.
  *
  * The scope's roster lookup (a storage read) runs only once a rule matched:
  * most stanzas match nothing, and the scan is cheaper than the read.
  *
  * Counters (xd_count): scanned (stanzas whose text was matched against the
  * rules), dropped, spared (a rule matched but the sender was out of scope,
- * e.g. a roster contact: a hint of a too-broad rule), limit_hits, scan_ns
- * (time spent matching; scan_ns / scanned is the cost per stanza).
+ * e.g. a roster contact: a hint of a too-broad rule), limit_hits,
+ * regex_skipped (stanzas scanned without their regexes: max_scan_share),
+ * scan_ns (time spent matching; scan_ns / scanned is the cost per stanza).
  */
 #include <errno.h>
 #include <locale.h>
@@ -92,6 +106,9 @@
 #define PF_MAX_ERRORS 20          /* error lines reported per load */
 #define PF_LOG_PER_SEC 20         /* lines (drops, limit hits) logged a second, the rest counted */
 #define PF_RULE_TEXT 80           /* bytes of a rule's text kept for the log */
+#define PF_JIT_STACK (512 * 1024) /* JIT matching stack */
+#define PF_DEPTH_LIMIT 10000      /* interpreter: backtracking depth */
+#define PF_HEAP_KIB 4096          /* interpreter: backtracking memory (KiB) */
 
 #define PF_SCOPE_STRANGERS 1u
 #define PF_SCOPE_REMOTE 2u
@@ -563,6 +580,14 @@ typedef struct pf_conf {
     unsigned scope;
     uint32_t match_limit;
     uint64_t budget_ns;
+    /* the regex time of all stanzas together: a token bucket of ns,
+     * refilled at `share` percent of the clock, holding one second's worth;
+     * used up (off), the regexes wait until half of it is back */
+    unsigned share;
+    int64_t share_tokens;
+    uint64_t share_at, share_logged;
+    int share_off;
+    unsigned long share_skipped;
     pf_set *set;
     pcre2_match_context *mctx;
     pcre2_jit_stack *jstack;
@@ -715,7 +740,19 @@ add_literal(pf_build *b, uint32_t line, const char *s, size_t len, int caseless)
     add_folded(b, s, len, PF_EXACT_BIT | (uint32_t)b->nexact++);
 }
 
-/* -- a light scanner of PCRE2 syntax: only as much as the checks need -- */
+/* -- reading PCRE2 syntax: only as much as the checks need -- */
+
+static int
+is_digit(char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+static int
+is_alnum(char c)
+{
+    return is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
 
 /* A {n}, {n,}, {n,m} (or, newer PCRE2, {,m} with blanks) quantifier at p:
  * its end, and its minimum in *min (0 when unsure).  0 if not one. */
@@ -740,57 +777,113 @@ brace_quant(const char *re, size_t len, size_t p, unsigned *min)
     return j + 1;
 }
 
-/* Skip a quantifier (and its lazy/possessive mark) at p, if there is one. */
+/* p at '{', '<' or '\'': the index after the closing one, or 0. */
 static size_t
-skip_quant(const char *re, size_t len, size_t p)
+delimited_end(const char *re, size_t len, size_t p)
 {
-    unsigned min;
-    size_t e;
-    if (p < len && (re[p] == '?' || re[p] == '*' || re[p] == '+'))
-        p++;
-    else if ((e = brace_quant(re, len, p, &min)))
-        p = e;
-    else
-        return p;
-    if (p < len && (re[p] == '?' || re[p] == '+'))
-        p++;
-    return p;
+    char close = re[p] == '{' ? '}' : re[p] == '<' ? '>' : '\'';
+    for (p++; p < len; p++)
+        if (re[p] == close)
+            return p + 1;
+    return 0;
 }
 
-/* p at '[': the index after the class. */
+/*
+ * p at a backslash that does not stand for its own character: the end of
+ * the sequence if it is one of those listed here -- a class (\d, \pL,
+ * \p{Greek}), an assertion (\b), a reference (\k<n>, \g{-1}) or a coded
+ * character (\x{e9}, \t) -- else 0 (octal, \Q, \E, ...).
+ */
 static size_t
-skip_class(const char *re, size_t len, size_t p)
+escape_end(const char *re, size_t len, size_t p)
+{
+    char d = p + 1 < len ? re[p + 1] : '\0';
+    size_t q = p + 2;
+
+    if (d && strchr("dDwWsShHvVRXNbBAzZGKaefnrt", d))
+        return q; /* \N{U+...} leaves a '{' that is no quantifier: see the caller */
+    switch (d) {
+    case 'p': /* \pL or \p{...} */
+    case 'P':
+        if (q < len && re[q] == '{')
+            return delimited_end(re, len, q);
+        return q < len && is_alnum(re[q]) ? q + 1 : 0;
+    case 'x': /* \x{...} or up to two hex digits */
+        if (q < len && re[q] == '{')
+            return delimited_end(re, len, q);
+        for (int k = 0; k < 2 && q < len && re[q] && strchr("0123456789abcdefABCDEF", re[q]); k++)
+            q++;
+        return q;
+    case 'o':
+        return q < len && re[q] == '{' ? delimited_end(re, len, q) : 0;
+    case 'c': /* \cX, X any printable ASCII character */
+        return q < len && (unsigned char)re[q] < 0x80 ? q + 1 : 0;
+    case 'k':
+    case 'g':
+        if (q < len && (re[q] == '{' || re[q] == '<' || re[q] == '\''))
+            return delimited_end(re, len, q);
+        if (d == 'g' && q < len && re[q] == '-')
+            q++;
+        if (d != 'g' || q >= len || !is_digit(re[q]))
+            return 0;
+        while (q < len && is_digit(re[q]))
+            q++;
+        return q;
+    }
+    return 0;
+}
+
+/* p at a backslash inside a group or class: the end of the sequence, or 0. */
+static size_t
+any_escape_end(const char *re, size_t len, size_t p)
+{
+    if (p + 1 < len && (unsigned char)re[p + 1] < 0x80 && !is_alnum(re[p + 1]))
+        return p + 2; /* escaped punctuation */
+    return escape_end(re, len, p);
+}
+
+/* p at '[': the index after the class, or 0 if it holds what this reader
+ * does not follow (a POSIX class, \Q...). */
+static size_t
+class_end(const char *re, size_t len, size_t p)
 {
     p++;
     if (p < len && re[p] == '^')
         p++;
     if (p < len && re[p] == ']')
-        p++;
+        p++; /* a ']' first is a member */
+    while (p < len && re[p] != ']') {
+        if (re[p] == '[')
+            return 0;
+        if (re[p] != '\\')
+            p++;
+        else if (!(p = any_escape_end(re, len, p)))
+            return 0;
+    }
+    return p < len ? p + 1 : 0;
+}
+
+/* p at '(': the index after the matching ')', or 0. */
+static size_t
+group_end(const char *re, size_t len, size_t p)
+{
+    int depth = 0;
     while (p < len) {
-        if (re[p] == '\\' && p + 1 < len && re[p + 1] == 'Q') {
-            const char *e = NULL;
-            for (size_t k = p + 2; k + 1 < len; k++)
-                if (re[k] == '\\' && re[k + 1] == 'E') {
-                    e = re + k;
-                    break;
-                }
-            p = e ? (size_t)(e - re) + 2 : len;
-        } else if (re[p] == '\\') {
-            p += 2;
-        } else if (re[p] == '[' && p + 1 < len &&
-                   (re[p + 1] == ':' || re[p + 1] == '.' || re[p + 1] == '=')) {
-            char t = re[p + 1];
-            size_t k = p + 2;
-            while (k + 1 < len && !(re[k] == t && re[k + 1] == ']'))
-                k++;
-            p = k + 2;
-        } else if (re[p] == ']') {
-            return p + 1;
+        if (re[p] == '\\') {
+            if (!(p = any_escape_end(re, len, p)))
+                return 0;
+        } else if (re[p] == '[') {
+            if (!(p = class_end(re, len, p)))
+                return 0;
         } else {
+            if (re[p] == '(')
+                depth++;
+            else if (re[p] == ')' && --depth == 0)
+                return p + 1;
             p++;
         }
     }
-    return len;
+    return 0;
 }
 
 /* p at '\\Q': the index after the matching \E (or the end). */
@@ -801,44 +894,6 @@ skip_quoted(const char *re, size_t len, size_t p)
         if (re[p] == '\\' && re[p + 1] == 'E')
             return p + 2;
     return len;
-}
-
-/* p at '(': the index after the matching ')'. */
-static size_t
-skip_group(const char *re, size_t len, size_t p)
-{
-    int depth = 0;
-    while (p < len) {
-        if (re[p] == '\\' && p + 1 < len && re[p + 1] == 'Q') {
-            p = skip_quoted(re, len, p);
-        } else if (re[p] == '\\') {
-            p += 2;
-        } else if (re[p] == '[') {
-            p = skip_class(re, len, p);
-        } else if (re[p] == '(' && p + 2 < len && re[p + 1] == '?' && re[p + 2] == '#') {
-            while (p < len && re[p] != ')')
-                p++;
-            p++;
-            if (!depth)
-                return p;
-        } else if (re[p] == '(') {
-            depth++;
-            p++;
-        } else if (re[p] == ')') {
-            p++;
-            if (--depth <= 0)
-                return p;
-        } else {
-            p++;
-        }
-    }
-    return len;
-}
-
-static int
-is_digit(char c)
-{
-    return c >= '0' && c <= '9';
 }
 
 /* Why a regex cannot be combined with others, or NULL (see the header). */
@@ -862,7 +917,10 @@ forbidden(const char *re, size_t len)
                        "are combined: use a relative (-N) or a named one";
             p += 2;
         } else if (c == '[') {
-            p = skip_class(re, len, p);
+            /* inside a class, \1 is octal; a class not followed here is
+             * read as if it were not one: on the safe side */
+            size_t end = class_end(re, len, p);
+            p = end ? end : p + 1;
         } else if (c == '(' && d == '*' && ((e >= 'A' && e <= 'Z') || e == ':')) {
             return "backtracking verbs and (*...) options are not supported when patterns are "
                    "combined";
@@ -940,16 +998,6 @@ fs_break(factor_scan *fs)
     fs->curlen = 0;
 }
 
-static void
-fs_add(factor_scan *fs, const char *u, size_t n)
-{
-    if (fs->curlen + n > PF_MAX_FACTOR) {
-        fs_break(fs); /* a long run: what we have is required, start another */
-    }
-    memcpy(fs->cur + fs->curlen, u, n);
-    fs->curlen += n;
-}
-
 /* A literal character of the regex: part of the run, unless the regex is
  * caseless and the character is not ASCII (see below). */
 static void
@@ -961,45 +1009,64 @@ fs_take(factor_scan *fs, char *u, size_t un, int caseless)
     }
     if (caseless && u[0] >= 'A' && u[0] <= 'Z')
         u[0] = (char)(u[0] + 32);
-    fs_add(fs, u, un);
+    if (fs->curlen + un > PF_MAX_FACTOR)
+        fs_break(fs); /* a long run: what we have is required, start another */
+    memcpy(fs->cur + fs->curlen, u, un);
+    fs->curlen += un;
+}
+
+static int
+no_factors(pf_regex *out)
+{
+    free(out->factors);
+    out->factors = NULL;
+    out->factorslen = 0;
+    return 0;
 }
 
 /*
  * Literal characters every match of a regex contains: for each top-level
- * branch, the longest run of characters that are neither optional nor
- * inside a group, class or escape sequence.  For a caseless regex only
- * ASCII runs are taken, folded to lower case (the automaton they go into
- * folds the text the same way; PCRE2's caseless sets for non-ASCII
- * characters are wider than a simple fold).  The number of branches, or 0
- * when some branch has no such run of at least PF_MIN_FACTOR bytes (the
- * regex then runs on every stanza).  Whenever unsure, a character is not
- * taken: a shorter literal only costs time, a wrong one would miss spam.
+ * branch, the best run of characters (plain or escaped punctuation) that
+ * are neither optional nor inside a group, class or escape sequence.  For
+ * a caseless regex only ASCII runs are taken, folded to lower case (the
+ * automaton they go into folds the text the same way; PCRE2's caseless
+ * sets for non-ASCII characters are wider than a simple fold).  The number
+ * of branches, or 0 when some branch has no such run of at least
+ * PF_MIN_FACTOR bytes (the regex then runs on every stanza).
+ *
+ * A wrong literal would silently disable the rule, a missing one only
+ * costs time: so this reads a small part of PCRE2's syntax, and the whole
+ * regex gets no literal as soon as it meets anything outside that part
+ * (octal, \Q...\E, comments, callouts, extended mode, POSIX classes, a
+ * literal '{').  tests/unit/test_pattern_filter.c checks it against PCRE2
+ * on random regexes.
  */
 static int
 extract_factors(const char *re, size_t len, int caseless, pf_regex *out)
 {
+    static const char *const unread[] = {"\\Q", "\\E", "(?#", "(?C"};
     factor_scan fs;
     size_t p = 0;
-    int quote = 0, n = 0;
+    int n = 0;
 
+    for (size_t i = 0; i < sizeof(unread) / sizeof(*unread); i++)
+        if (memmem(re, len, unread[i], strlen(unread[i])))
+            return 0;
     if (mentions_option(re, len, 'x'))
         return 0; /* blanks and comments are not literal in extended mode */
     memset(&fs, 0, sizeof(fs));
     for (;;) {
         char u[4];
-        size_t un, q;
-        unsigned cp;
+        size_t un = 0, q = 0;
+        unsigned cp, min = 1;
+        int quantified = 0;
 
-        if (p >= len || (!quote && re[p] == '|')) {
+        if (p >= len || re[p] == '|') {
             char *v;
             fs_break(&fs);
             if (fs.bestlen < PF_MIN_FACTOR || n == PF_MAX_BRANCHES ||
-                !(v = realloc(out->factors, out->factorslen + fs.bestlen + 1))) {
-                free(out->factors);
-                out->factors = NULL;
-                out->factorslen = 0;
-                return 0;
-            }
+                !(v = realloc(out->factors, out->factorslen + fs.bestlen + 1)))
+                return no_factors(out);
             memcpy(v + out->factorslen, fs.best, fs.bestlen + 1);
             out->factors = v;
             out->factorslen += fs.bestlen + 1;
@@ -1010,125 +1077,44 @@ extract_factors(const char *re, size_t len, int caseless, pf_regex *out)
             p++;
             continue;
         }
-        /* 1. the next literal character u, or skip a non-literal atom */
-        if (quote) {
-            if (re[p] == '\\' && p + 1 < len && re[p + 1] == 'E') {
-                quote = 0;
-                p += 2;
-                continue;
-            }
-            if (!(un = utf8_decode((const unsigned char *)re + p, len - p, &cp)))
-                return 0;
-            memcpy(u, re + p, un);
-            p += un;
-            if (p + 1 < len && re[p] == '\\' && re[p + 1] == 'E') {
-                /* the quantifier of a quoted character comes after \E */
-                quote = 0;
-                p += 2;
-            } else {
-                fs_take(&fs, u, un, caseless); /* another quoted character follows */
-                continue;
-            }
+        /* 1. the atom at p: a literal character u, or something else */
+        if (re[p] == '\\' && p + 1 < len && (unsigned char)re[p + 1] < 0x80 &&
+            !is_alnum(re[p + 1])) {
+            u[0] = re[p + 1]; /* escaped punctuation or blank */
+            un = 1;
+            q = p + 2;
         } else if (re[p] == '\\') {
-            char d = p + 1 < len ? re[p + 1] : '\0';
-            if (d == 'Q') {
-                quote = 1;
-                p += 2;
-                continue;
-            }
-            if (d == 'E') {
-                p += 2;
-                continue;
-            }
-            if (d && (unsigned char)d < 0x80 &&
-                !((d >= 'a' && d <= 'z') || (d >= 'A' && d <= 'Z') || is_digit(d))) {
-                u[0] = d; /* an escaped punctuation character or blank */
-                un = 1;
-                p += 2;
-            } else {
-                /* a class, an assertion, a reference or a coded character */
-                fs_break(&fs);
-                p += 2;
-                if (p < len && d && strchr("pPxoNgku", d) && re[p] == '{') {
-                    while (p < len && re[p] != '}')
-                        p++;
-                    p++;
-                } else if (p < len && (d == 'g' || d == 'k') && (re[p] == '<' || re[p] == '\'')) {
-                    char close = re[p] == '<' ? '>' : '\'';
-                    for (p++; p < len && re[p] != close; p++)
-                        ;
-                    p++;
-                } else if (d == 'c') {
-                    p++;
-                } else if (d == 'x') {
-                    for (int k = 0; k < 2 && p < len && strchr("0123456789abcdefABCDEF", re[p]);
-                         k++)
-                        p++;
-                } else if (d == '0') {
-                    for (int k = 0; k < 2 && p < len && re[p] >= '0' && re[p] <= '7'; k++)
-                        p++;
-                } else if ((unsigned char)d >= 0x80) {
-                    size_t k = utf8_decode((const unsigned char *)re + p - 1, len - p + 1, &cp);
-                    p += k ? k - 1 : 0;
-                }
-                p = skip_quant(re, len, p);
-                continue;
-            }
+            q = escape_end(re, len, p);
         } else if (re[p] == '[') {
-            fs_break(&fs);
-            p = skip_quant(re, len, skip_class(re, len, p));
-            continue;
+            q = class_end(re, len, p);
         } else if (re[p] == '(') {
-            fs_break(&fs);
-            p = skip_quant(re, len, skip_group(re, len, p));
-            continue;
+            q = group_end(re, len, p);
         } else if (re[p] == '.' || re[p] == '^' || re[p] == '$') {
-            fs_break(&fs);
-            p = skip_quant(re, len, p + 1);
-            continue;
-        } else if (strchr(")*+?{", re[p])) {
-            /* not expected here; '{' may be a quantifier of a newer PCRE2 */
-            fs_break(&fs);
-            p++;
-            continue;
-        } else {
-            if (!(un = utf8_decode((const unsigned char *)re + p, len - p, &cp)))
-                return 0;
+            q = p + 1;
+        } else if (!strchr(")*+?{", re[p]) &&
+                   (un = utf8_decode((const unsigned char *)re + p, len - p, &cp))) {
             memcpy(u, re + p, un);
-            p += un;
+            q = p + un;
         }
-        /* 2. is u quantified?  \Q, \E or a comment between it and a
-         * quantifier is too clever for this scanner: u is not taken. */
-        q = p;
-        if (q + 1 < len &&
-            ((re[q] == '\\' && (re[q + 1] == 'Q' || re[q + 1] == 'E')) ||
-             (re[q] == '(' && re[q + 1] == '?' && q + 2 < len && re[q + 2] == '#'))) {
-            fs_break(&fs);
-            continue;
+        if (!q)
+            return no_factors(out);
+        /* 2. its quantifier, if any */
+        p = q;
+        if (p < len && (re[p] == '?' || re[p] == '*' || re[p] == '+')) {
+            min = re[p++] == '+';
+            quantified = 1;
+        } else if (p < len && re[p] == '{') {
+            if (!(p = brace_quant(re, len, p, &min)))
+                return no_factors(out); /* a literal '{' */
+            quantified = 1;
         }
-        if (q < len && (re[q] == '?' || re[q] == '*')) {
-            fs_break(&fs);
-            p = skip_quant(re, len, q);
-            continue;
-        }
-        if (q < len && re[q] == '+') {
-            p = skip_quant(re, len, q);
+        if (quantified && p < len && (re[p] == '?' || re[p] == '+'))
+            p++; /* lazy or possessive */
+        /* 3. a literal that must occur extends the run; anything else ends it */
+        if (un && min >= 1)
             fs_take(&fs, u, un, caseless);
+        if (!un || quantified)
             fs_break(&fs);
-            continue;
-        }
-        if (q < len && re[q] == '{') {
-            unsigned min = 0;
-            if (brace_quant(re, len, q, &min)) {
-                p = skip_quant(re, len, q);
-                if (min >= 1)
-                    fs_take(&fs, u, un, caseless);
-                fs_break(&fs);
-                continue;
-            }
-            /* a '{' that is no quantifier in any PCRE2: u stands */
-        }
-        fs_take(&fs, u, un, caseless);
     }
 }
 
@@ -1241,7 +1227,9 @@ add_regex(pf_build *b, uint32_t line, const char *re, size_t len, int caseless)
     pcre2_pattern_info(code, PCRE2_INFO_SIZE, &r->csize);
     pcre2_code_free(code);
     r->caseless = caseless || mentions_option(re, len, 'i');
-    r->nfactors = extract_factors(re, len, r->caseless, r);
+    /* without the locale the automaton does not fold KELVIN SIGN to k or
+     * LONG S to s, which PCRE2's caseless matching does */
+    r->nfactors = r->caseless && !b->c->loc ? 0 : extract_factors(re, len, r->caseless, r);
     return 0;
 }
 
@@ -1570,19 +1558,29 @@ mono_ns(void)
 
 #define PF_LIMIT_MATCH 1u  /* a regex gave up on match_limit or its stack */
 #define PF_LIMIT_BUDGET 2u /* the stanza's time budget ran out */
+#define PF_LIMIT_SHARE 4u  /* max_scan_share was used up: regexes skipped */
+
+/* One stanza's scan. */
+typedef struct pf_scan {
+    uint64_t deadline; /* monotonic ns: the stanza's max_scan_ms */
+    int regexes;       /* 0: max_scan_share is used up, literals only */
+    unsigned limited;  /* PF_LIMIT_* */
+    uint64_t re_ns;    /* time spent in regexes */
+} pf_scan;
 
 /*
- * The line of the first rule found in text, or 0.  *limited collects
- * PF_LIMIT_*; once the stanza's budget (deadline, monotonic ns) is spent,
- * no more regexes run for it -- only the automaton, which is linear -- so
- * a stanza of many bodies cannot multiply the cost of a slow regex.
+ * The line of the first rule found in text, or 0.  Once the stanza's
+ * budget is spent, no more regexes run for it -- only the automaton, which
+ * is linear -- so a stanza of many bodies cannot multiply the cost of a
+ * slow regex.
  */
 static uint32_t
-scan_text(pf_conf *c, pf_set *s, const char *text, size_t len, unsigned *limited, uint64_t deadline)
+scan_text(pf_conf *c, pf_set *s, const char *text, size_t len, pf_scan *sc)
 {
     const unsigned char *t = (const unsigned char *)text;
     const ac *a = &s->ac;
     uint32_t st = 0, hit;
+    uint64_t start = 0, now;
 
     if (++s->gen == 0) {
         if (s->stamp)
@@ -1610,26 +1608,77 @@ scan_text(pf_conf *c, pf_set *s, const char *text, size_t len, unsigned *limited
             AC_FEED(f[k], i + n);
         i += n;
     }
+    if (s->ncand + s->nalways && !sc->regexes) {
+        sc->limited |= PF_LIMIT_SHARE;
+        return 0;
+    }
     /* the groups whose literal was seen, then the ones that always run */
-    for (uint32_t k = 0; k < s->ncand + s->nalways && !(*limited & PF_LIMIT_BUDGET); k++) {
+    for (uint32_t k = 0; k < s->ncand + s->nalways && !(sc->limited & PF_LIMIT_BUDGET); k++) {
         uint32_t g = k < s->ncand ? s->cand[k] : k - s->ncand;
         int rc;
-        if (mono_ns() > deadline) {
-            *limited |= PF_LIMIT_BUDGET;
+        if ((now = mono_ns()) > sc->deadline) {
+            sc->limited |= PF_LIMIT_BUDGET;
             break;
         }
+        if (!start)
+            start = now;
         rc = pcre2_match(s->groups[g], t, len, 0, 0, c->md, c->mctx);
         if (rc >= 0) {
             PCRE2_SPTR mark = pcre2_get_mark(c->md);
             unsigned long line = mark ? strtoul((const char *)mark, NULL, 10) : 0;
+            sc->re_ns += mono_ns() - start;
             return line ? (uint32_t)line : 1;
         }
         /* match_limit, depth/heap/JIT stack limits, out of memory: no
          * match, but say so */
         if (rc != PCRE2_ERROR_NOMATCH)
-            *limited |= PF_LIMIT_MATCH;
+            sc->limited |= PF_LIMIT_MATCH;
     }
+    if (start)
+        sc->re_ns += mono_ns() - start;
     return 0;
+}
+
+#define PF_SHARE_LOG_NS 10000000000ull /* a warning about max_scan_share at most every 10 s */
+
+/*
+ * May the regexes run for a stanza starting at now (monotonic ns)?  The
+ * bucket refills at max_scan_share percent of the clock up to one
+ * second's worth; regexes that ran are charged with share_charge().  Once
+ * it is empty they stay off until half of it is back: a flood of stanzas
+ * for a slow regex then costs literals only, and the regexes do not flap
+ * on and off with every stanza.
+ */
+static int
+share_allows(pf_conf *c, uint64_t now)
+{
+    int64_t cap = (int64_t)c->share * 10000000; /* share % of 1 s, in ns */
+
+    if (now > c->share_at) {
+        uint64_t add = (now - c->share_at) / 100 * c->share;
+        int64_t room = cap - c->share_tokens;
+        c->share_tokens = add >= (uint64_t)room ? cap : c->share_tokens + (int64_t)add;
+        c->share_at = now;
+    }
+    if (c->share_off && c->share_tokens >= cap / 2) {
+        c->share_off = 0;
+    } else if (!c->share_off && c->share_tokens <= 0) {
+        c->share_off = 1;
+        if (!c->share_logged || now - c->share_logged >= PF_SHARE_LOG_NS) {
+            c->share_logged = now;
+            xd_warn("pattern_filter: regular expressions used up max_scan_share (%u%% of one "
+                    "CPU): skipped until half of that is back, literals still apply (%lu "
+                    "stanza(s) without regexes so far)",
+                    c->share, c->share_skipped);
+        }
+    }
+    return !c->share_off;
+}
+
+static void
+share_charge(pf_conf *c, uint64_t ns)
+{
+    c->share_tokens -= (int64_t)ns;
 }
 
 /* ---- the hook ------------------------------------------------------------------------ */
@@ -1716,8 +1765,7 @@ log_drop(pf_conf *c, const char *what, const xd_jid *from, const xd_jid *to, uin
 }
 
 static int
-scan_children(pf_conf *c, xmpp_stanza_t *st, const char *name, uint32_t *line, unsigned *limited,
-              uint64_t deadline)
+scan_children(pf_conf *c, xmpp_stanza_t *st, const char *name, uint32_t *line, pf_scan *sc)
 {
     int found = 0;
     for (xmpp_stanza_t *ch = xmpp_stanza_get_children(st); ch && !*line;
@@ -1734,7 +1782,7 @@ scan_children(pf_conf *c, xmpp_stanza_t *st, const char *name, uint32_t *line, u
         found = 1;
         if (!(text = xmpp_stanza_get_text(ch)))
             continue;
-        *line = scan_text(c, c->set, text, strlen(text), limited, deadline);
+        *line = scan_text(c, c->set, text, strlen(text), sc);
         xmpp_free(xd_ctx(), text);
     }
     return found;
@@ -1749,7 +1797,7 @@ pf_deliver(xd_event *ev, void *data)
     const char *name = xmpp_stanza_get_name(st), *type, *child, *what;
     uint64_t t0, t1;
     uint32_t line = 0;
-    unsigned limited = 0;
+    pf_scan sc = {0};
 
     if (!c->set || !ev->from || !ev->to || !name)
         return XD_PASS;
@@ -1767,17 +1815,24 @@ pf_deliver(xd_event *ev, void *data)
         (c->scope == PF_SCOPE_REMOTE && xd_is_local_host(ev->from->domain)))
         return XD_PASS;
     t0 = mono_ns();
-    scan_children(c, st, child, &line, &limited, t0 + c->budget_ns);
+    sc.deadline = t0 + c->budget_ns;
+    sc.regexes = share_allows(c, t0);
+    scan_children(c, st, child, &line, &sc);
     t1 = mono_ns();
+    share_charge(c, sc.re_ns);
     xd_count(c->m, "scanned", 1);
     xd_count(c->m, "scan_ns", (unsigned long)(t1 - t0));
-    if (limited) {
+    if (sc.limited & PF_LIMIT_SHARE) {
+        c->share_skipped++;
+        xd_count(c->m, "regex_skipped", 1);
+    }
+    if (sc.limited & (PF_LIMIT_MATCH | PF_LIMIT_BUDGET)) {
         char f[XD_JID_STR_MAX];
         xd_count(c->m, "limit_hits", 1);
         if (xd_jid_format(ev->from, 1, f, sizeof(f)) < 0)
             snprintf(f, sizeof(f), "?");
         if (log_budget(c)) {
-            if (limited & PF_LIMIT_BUDGET)
+            if (sc.limited & PF_LIMIT_BUDGET)
                 xd_warn("pattern_filter: a %s from %s used up max_scan_ms (%u): the rest of its "
                         "regular expressions were skipped",
                         what, f, (unsigned)(c->budget_ns / 1000000u));
@@ -1818,11 +1873,28 @@ pf_reload(xd_event *ev, void *data)
 
 /* ---- the module ------------------------------------------------------------------------ */
 
+/* The limits of every match: match_limit for JIT and interpreter alike;
+ * the interpreter (when JIT compilation failed) also gets a bound on its
+ * backtracking depth and memory, which PCRE2 would let grow to gigabytes. */
+static pcre2_match_context *
+match_context_new(uint32_t match_limit, pcre2_jit_stack *js)
+{
+    pcre2_match_context *mc = pcre2_match_context_create(NULL);
+    if (!mc)
+        return NULL;
+    pcre2_set_match_limit(mc, match_limit);
+    pcre2_set_depth_limit(mc, PF_DEPTH_LIMIT);
+    pcre2_set_heap_limit(mc, PF_HEAP_KIB);
+    pcre2_jit_stack_assign(mc, NULL, js);
+    return mc;
+}
+
 static const xd_setting pf_settings[] = {
-    {"file", XD_SETTING_STRING},
-    {"scope", XD_SETTING_STRING_LIST},
-    {"match_limit", XD_SETTING_INT},
-    {"max_scan_ms", XD_SETTING_INT},
+    {"file", XD_SETTING_STRING},        /* the pattern file */
+    {"scope", XD_SETTING_STRING_LIST},  /* strangers, remote, all */
+    {"match_limit", XD_SETTING_INT},    /* per match */
+    {"max_scan_ms", XD_SETTING_INT},    /* regex time per stanza */
+    {"max_scan_share", XD_SETTING_INT}, /* regex time of all stanzas: % of one CPU */
     {NULL, 0},
 };
 
@@ -1848,6 +1920,7 @@ pf_load(xd_module *m)
     pf_conf *c;
     long long limit = xd_config_int(m, "match_limit", 1000000);
     long long budget = xd_config_int(m, "max_scan_ms", 20);
+    long long share = xd_config_int(m, "max_scan_share", 25);
     int nscope = xd_config_list_count(m, "scope"), r = 0;
 
     if (!(c = calloc(1, sizeof(*c))))
@@ -1864,6 +1937,13 @@ pf_load(xd_module *m)
         return -1;
     }
     c->budget_ns = (uint64_t)budget * 1000000u;
+    if (share < 1 || share > 100) {
+        xd_config_error(m, "max_scan_share", "must be from 1 to 100 (percent of one CPU)");
+        return -1;
+    }
+    c->share = (unsigned)share;
+    c->share_tokens = (int64_t)c->share * 10000000;
+    c->share_at = mono_ns();
     if (nscope <= 0) /* absent or empty: the issue's "strangers and remote senders" */
         c->scope = PF_SCOPE_STRANGERS | PF_SCOPE_REMOTE;
     for (int i = 0; i < nscope; i++) {
@@ -1886,16 +1966,10 @@ pf_load(xd_module *m)
     }
     if (!(c->loc = newlocale(LC_CTYPE_MASK, "C.UTF-8", (locale_t)0)))
         xd_warn("pattern_filter: no C.UTF-8 locale: case-insensitive rules fold ASCII only");
-    c->mctx = pcre2_match_context_create(NULL);
-    c->jstack = pcre2_jit_stack_create(32 * 1024, 512 * 1024, NULL);
+    c->jstack = pcre2_jit_stack_create(32 * 1024, PF_JIT_STACK, NULL);
     c->md = pcre2_match_data_create(1, NULL);
-    if (!c->mctx || !c->jstack || !c->md)
+    if (!c->jstack || !c->md || !(c->mctx = match_context_new(c->match_limit, c->jstack)))
         return -1;
-    /* match_limit bounds JIT and interpreter alike; the depth limit only
-     * the interpreter (used if JIT compilation failed) */
-    pcre2_set_match_limit(c->mctx, c->match_limit);
-    pcre2_set_depth_limit(c->mctx, c->match_limit);
-    pcre2_jit_stack_assign(c->mctx, NULL, c->jstack);
     if (!(c->set = load_set(c, c->path, 1)))
         return -1;
     log_set("loaded", c->path, c->set);
@@ -1904,6 +1978,7 @@ pf_load(xd_module *m)
     xd_count(m, "dropped", 0);
     xd_count(m, "spared", 0);
     xd_count(m, "limit_hits", 0);
+    xd_count(m, "regex_skipped", 0);
     xd_count(m, "scan_ns", 0);
     r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, pf_deliver, c, XD_PRIO_HIGH + 100);
     r |= xd_hook(m, XD_HOOK_RELOAD, pf_reload, c, XD_PRIO_DEFAULT);

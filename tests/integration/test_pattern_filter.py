@@ -37,11 +37,11 @@ lit:Straße 12
 """ + "   plain literal with blanks around   \n"   # (trailing blanks kept on purpose)
 
 
-def make_server(xmppd_factory, tmp_path, patterns=PATTERNS, scope=None):
+def make_server(xmppd_factory, tmp_path, patterns=PATTERNS, scope=None, settings=""):
     """A server with c2s, roster and pattern_filter; mallory exists too."""
     path = tmp_path / "patterns.txt"
     path.write_text(patterns, encoding="utf-8")
-    conf = 'file = "%s";' % path
+    conf = 'file = "%s"; %s' % (path, settings)
     if scope is not None:
         conf += " scope = ( %s );" % ", ".join('"%s"' % s for s in scope)
     srv = xmppd_factory(modules=("c2s", "roster", "pattern_filter"),
@@ -164,6 +164,28 @@ def test_matching_bodies_are_dropped_near_misses_arrive(xmppd_factory, tmp_path,
     assert st.get("dropped") == dropped, st
     assert st.get("scanned") == n_sent, st
     assert "scan_ns" in st and st.get("limit_hits") == 0, st
+
+
+def test_one_letter_property_escapes(xmppd_factory, tmp_path, clients):
+    """\\pL, \\PL, \\pN without braces are one atom: the letter after the
+    property name is not part of the rule's required literal (it used to be,
+    and the rule silently never matched)."""
+    rules = ["re:\\pLabc", "re:x\\pNyz", "re:foo\\PLbar", "re/i:\\pLuXYZ", "re:\\p{Lu}qrs"]
+    srv = make_server(xmppd_factory, tmp_path, patterns="\n".join(rules) + "\n")
+    alice = login(clients, srv, ALICE)
+    bob = login(clients, srv, BOB)
+    cases = [
+        ("Xabc", True), ("éabc", True), ("1abc", False),
+        ("x5yz", True), ("x٣yz", True), ("xayz", False),
+        ("foo1bar", True), ("foo bar", True), ("fooxbar", False),
+        ("яuxyz", True), ("яxyz", False),
+        ("Éqrs", True), ("éqrs", False),
+    ]
+    got = delivered(alice, bob, [b for b, _ in cases])
+    assert got == [b for b, d in cases if not d], got
+    lines = [int(n) for n in re.findall(r"rule %s:(\d+) " % re.escape(str(srv.patterns)),
+                                        srv.log())]
+    assert lines == [1, 1, 2, 2, 3, 3, 4, 5], lines
 
 
 def test_scope_strangers_lets_roster_contacts_through(xmppd_factory, tmp_path, clients):
@@ -309,10 +331,14 @@ def test_bad_pattern_at_start_refuses_the_start(xmppd_factory, tmp_path):
     # and the config's own file:line of the setting
     assert "%s:%d:" % (srv.config_path, line_of(srv.config, "pattern_filter = {")) in log, log
 
-    # no file at all, or an unknown scope, is refused as well
+    # no file at all, an unknown scope or a share out of range is refused as well
     for extra, token in (('pattern_filter = { file = "%s/nope.txt"; };' % tmp_path, "nope.txt"),
                          ('pattern_filter = { file = "%s"; scope = ("friends"); };' % path,
-                          "unknown scope 'friends'")):
+                          "unknown scope 'friends'"),
+                         ('pattern_filter = { file = "%s"; max_scan_share = 0; };' % path,
+                          "max_scan_share"),
+                         ('pattern_filter = { file = "%s"; max_scan_share = 101; };' % path,
+                          "max_scan_share")):
         srv.config_path.write_text(srv.config.replace(
             'pattern_filter = { file = "%s"; };' % path, extra))
         r = subprocess.run([str(XMPPD), "--check-config", str(srv.config_path)],
@@ -353,7 +379,9 @@ def test_omemo_message_is_matched_on_its_fallback_body_only(xmppd_factory, tmp_p
 
 def test_pathological_regex_does_not_stall_the_server(xmppd_factory, tmp_path, clients,
                                                       chat_pair):
-    srv = make_server(xmppd_factory, tmp_path, patterns="re:^(a+)+$\n")
+    # the per-stanza limits alone (max_scan_share: see the next test)
+    srv = make_server(xmppd_factory, tmp_path, patterns="re:^(a+)+$\n",
+                      settings="max_scan_share = 100;")
     alice = login(clients, srv, ALICE, "evil")
     bob = login(clients, srv, BOB, "victim")
     pair = chat_pair(srv)
@@ -384,6 +412,51 @@ def test_pathological_regex_does_not_stall_the_server(xmppd_factory, tmp_path, c
     elapsed = time.monotonic() - t0
     assert elapsed < 1.5, "a stanza of 2,000 pathological bodies took %.1f s" % elapsed
     assert "used up max_scan_ms (20)" in srv.log()
+
+
+def test_regex_time_share_bounds_a_flood(xmppd_factory, tmp_path, clients, chat_pair):
+    """max_scan_share bounds the regex time of all stanzas together: with 1 %
+    of a CPU (a bucket of 10 ms, refilled at 10 ms a second) a flood of
+    stanzas for a slow regex (a few ms each, up to match_limit) runs it a few
+    times; then regexes are skipped (literals still drop) until half the
+    bucket is back, at least 0.5 s later: the rest of the flood and what
+    follows it in the same write are deterministically in that window."""
+    srv = make_server(xmppd_factory, tmp_path,
+                      patterns="re:^(a+)+$\nre:casino\\d{2,}\nlit:cheap-pills.example\n",
+                      settings="max_scan_share = 1; match_limit = 4000000;")
+    alice = login(clients, srv, ALICE, "flood")
+    bob = login(clients, srv, BOB, "victim")
+    pair = chat_pair(srv)
+    evil = "a" * 5000 + "b"
+    n = 40
+    # one write: the flood, then a regex rule's spam and a literal's
+    marker = uniq("marker")
+    send_raw(alice, "".join("<message to='%s' type='chat'><body>%s</body></message>"
+                            % (BOB, b) for b in [evil] * n + ["casino77 skipped",
+                                                              "cheap-pills.example", marker]))
+    bob.wait_message(marker, timeout=10)
+    got = [m["body"] for m in bob.skipped]
+    bob.skipped = []
+    st = stats(srv)
+    pair.check("after the flood")      # 3 more stanzas, counted after st
+    ran = st.get("limit_hits")
+    assert 1 <= ran <= 6, st           # the slow regex ran only until the share was used up
+    assert st.get("regex_skipped") == n - ran + 2, st  # the rest, the casino and the marker
+    assert st.get("dropped") == 1, st                  # the literal
+    assert got.count(evil) == n and "casino77 skipped" in got, [b[:20] for b in got]
+    assert "cheap-pills.example" not in got
+    assert st.get("scan_ns") < n * 5_000_000 / 2, st   # not n slow matches
+    assert "used up max_scan_share (1% of one CPU)" in srv.log()
+
+    # back once half the bucket has refilled: a regex rule drops again
+    deadline = time.monotonic() + 6
+    while True:
+        probe = "casino88 " + uniq("probe")
+        if delivered(alice, bob, [probe]) == []:
+            break
+        assert time.monotonic() < deadline, "regexes never ran again:\n" + srv.log_tail(20)
+        time.sleep(0.25)
+    assert stats(srv).get("dropped") == 2
 
 
 def generated_rules(n, seed=7):
