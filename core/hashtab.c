@@ -54,11 +54,14 @@ sip_key(void)
         v2 += v1, v1 = ROTL(v1, 17), v1 ^= v2, v2 = ROTL(v2, 32);                                  \
     } while (0)
 
-/* SipHash-1-3 of a NUL-terminated string. */
-static uint32_t
-siphash(const char *s)
+/* SipHash-1-3 of len bytes with the process's key. */
+uint64_t
+xd_hash(const void *data, size_t len)
 {
-    size_t len = strlen(s), i;
+    const unsigned char *s = data;
+    size_t i;
+    if (!sip_keyed)
+        sip_key();
     uint64_t v0 = sip_k0 ^ 0x736f6d6570736575u, v1 = sip_k1 ^ 0x646f72616e646f6du;
     uint64_t v2 = sip_k0 ^ 0x6c7967656e657261u, v3 = sip_k1 ^ 0x7465646279746573u, m;
 
@@ -70,7 +73,7 @@ siphash(const char *s)
     }
     m = (uint64_t)len << 56;
     for (size_t j = 0; i + j < len; j++)
-        m |= (uint64_t)(unsigned char)s[i + j] << (8 * j);
+        m |= (uint64_t)s[i + j] << (8 * j);
     v3 ^= m;
     SIPROUND;
     v0 ^= m;
@@ -78,7 +81,13 @@ siphash(const char *s)
     SIPROUND;
     SIPROUND;
     SIPROUND;
-    return (uint32_t)(v0 ^ v1 ^ v2 ^ v3);
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static uint32_t
+siphash(const char *s)
+{
+    return (uint32_t)xd_hash(s, strlen(s));
 }
 
 xd_hashtab *
@@ -86,8 +95,6 @@ xd_hashtab_new(size_t initial)
 {
     xd_hashtab *h = calloc(1, sizeof(*h));
     size_t nb = 16;
-    if (!sip_keyed)
-        sip_key();
     if (!h)
         return NULL;
     while (nb < initial)

@@ -7,12 +7,17 @@
 #define XMPPD_HASHTAB_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 typedef struct xd_hashtab xd_hashtab;
+
+/* Keyed SipHash-1-3 of any bytes (the key is drawn once per process): for
+ * modules with tables of their own whose keys come from the network. */
+uint64_t xd_hash(const void *data, size_t len);
 
 xd_hashtab *xd_hashtab_new(size_t initial);
 void xd_hashtab_free(xd_hashtab *h); /* the values are the caller's to free */
