@@ -77,10 +77,9 @@
 
 /* One user's blocklist: prepared JID strings, sorted for bsearch. */
 typedef struct blk_user {
-    struct blk_user *next; /* hash chain */
     char **jids;
     size_t n, cap;
-    char bare[]; /* the user's bare JID, the hash key */
+    char bare[]; /* the user's bare JID, the cache's key */
 } blk_user;
 
 typedef struct jid_list {
@@ -104,22 +103,11 @@ typedef struct blk_conf {
     unsigned long report_seq;       /* tie-break of report keys within one microsecond */
     unsigned long forward_seq;      /* ids of forwarded reports */
     unsigned long push_seq;         /* ids of pushes */
-    /* the cache: chained hash of blk_user by bare JID */
-    blk_user **buckets;
-    size_t nbuckets, count;
-    int announcing; /* sending our own unavailable presence to newly blocked JIDs */
+    xd_hashtab *cache;              /* bare JID -> blk_user of the users online */
+    int announcing;                 /* sending our own unavailable presence to newly blocked JIDs */
 } blk_conf;
 
 /* ---- the cache ----------------------------------------------------------- */
-
-static size_t
-hash_str(const char *s)
-{
-    size_t h = 1469598103934665603ull & (size_t)-1; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * (size_t)1099511628211ull;
-    return h;
-}
 
 static int
 cmp_str(const void *a, const void *b)
@@ -136,70 +124,12 @@ user_free(blk_user *u)
     free(u);
 }
 
-static blk_user *
-cache_find(blk_conf *c, const char *bare)
-{
-    blk_user *u;
-    if (!c->nbuckets)
-        return NULL;
-    for (u = c->buckets[hash_str(bare) & (c->nbuckets - 1)]; u; u = u->next)
-        if (!strcmp(u->bare, bare))
-            return u;
-    return NULL;
-}
-
-/* Double the table when it gets crowded; on failure keep the old one. */
-static void
-cache_grow(blk_conf *c)
-{
-    size_t nb = c->nbuckets ? c->nbuckets * 2 : 64;
-    blk_user **b = calloc(nb, sizeof(*b));
-    if (!b)
-        return;
-    for (size_t i = 0; i < c->nbuckets; i++) {
-        for (blk_user *u = c->buckets[i], *next; u; u = next) {
-            size_t h = hash_str(u->bare) & (nb - 1);
-            next = u->next;
-            u->next = b[h];
-            b[h] = u;
-        }
-    }
-    free(c->buckets);
-    c->buckets = b;
-    c->nbuckets = nb;
-}
-
-static void
-cache_insert(blk_conf *c, blk_user *u)
-{
-    size_t h;
-    if (c->count >= c->nbuckets * 2)
-        cache_grow(c);
-    if (!c->nbuckets) {
-        user_free(u);
-        return;
-    }
-    h = hash_str(u->bare) & (c->nbuckets - 1);
-    u->next = c->buckets[h];
-    c->buckets[h] = u;
-    c->count++;
-}
-
 static void
 cache_remove(blk_conf *c, const char *bare)
 {
-    blk_user **pp;
-    if (!c->nbuckets)
-        return;
-    for (pp = &c->buckets[hash_str(bare) & (c->nbuckets - 1)]; *pp; pp = &(*pp)->next) {
-        if (!strcmp((*pp)->bare, bare)) {
-            blk_user *u = *pp;
-            *pp = u->next;
-            user_free(u);
-            c->count--;
-            return;
-        }
-    }
+    blk_user *u = xd_hashtab_del(c->cache, bare);
+    if (u)
+        user_free(u);
 }
 
 static int
@@ -332,12 +262,14 @@ count_one(xd_session *s, void *data)
 static blk_user *
 user_get(blk_conf *c, const xd_jid *bare_jid, const char *bare)
 {
-    blk_user *u = cache_find(c, bare);
+    blk_user *u = xd_hashtab_get(c->cache, bare);
     if (u || xd_user_sessions(bare_jid, count_one, NULL) == 0)
         return u;
-    if ((u = load_user(c, NULL, bare)))
-        cache_insert(c, u);
-    return cache_find(c, bare);
+    if ((u = load_user(c, NULL, bare)) && xd_hashtab_put(c->cache, u->bare, u) != 0) {
+        user_free(u);
+        u = NULL;
+    }
+    return u;
 }
 
 /* ---- matching (XEP-0016 2.1 order) ---------------------------------------- */
@@ -1350,18 +1282,25 @@ jids_load(xd_module *m, const char *name, jid_list *out)
     return 0;
 }
 
+static int
+cache_free_user(const char *bare, void *val, void *data)
+{
+    (void)bare;
+    (void)data;
+    user_free(val);
+    return 0;
+}
+
 static void
 blk_unload(xd_module *m)
 {
     blk_conf *c = xd_module_get_data(m);
     if (!c)
         return;
-    for (size_t i = 0; i < c->nbuckets; i++)
-        for (blk_user *u = c->buckets[i], *next; u; u = next) {
-            next = u->next;
-            user_free(u);
-        }
-    free(c->buckets);
+    if (c->cache) {
+        xd_hashtab_foreach(c->cache, cache_free_user, NULL);
+        xd_hashtab_free(c->cache);
+    }
     jids_free(&c->abuse);
     jids_free(&c->forward);
     free(c);
@@ -1391,6 +1330,10 @@ blk_load(xd_module *m)
     }
     if (!(c = calloc(1, sizeof(*c))))
         return -1;
+    if (!(c->cache = xd_hashtab_new(64))) {
+        free(c);
+        return -1;
+    }
     c->m = m;
     c->max_items = max;
     c->reporting = xd_config_bool(m, "reporting", 1);

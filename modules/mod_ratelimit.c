@@ -29,10 +29,11 @@
  * stream at the configured rate on average.
  *
  * Per-address and per-account state sits in two bounded hash tables
- * (SipHash with a random key, since account names are chosen by whoever
- * attacks).  An entry whose buckets are all full again says nothing a
- * missing entry would not, so a sweep drops it; when a table is at its cap
- * the least recently used entry goes.
+ * (the core's keyed SipHash, xd_hash(), since account names are chosen by
+ * whoever attacks); the tables are the module's own for the eviction
+ * order.  An entry whose buckets are all full again says nothing a missing
+ * entry would not, so a sweep drops it; when a table is at its cap the least
+ * recently used entry goes.
  *
  * Settings: one string per limit, "RATE/UNIT [burst N]" or "off" (see
  * `kinds` for names and defaults); listener_limits and host_limits, lists of
@@ -46,8 +47,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
-#include <unistd.h>
 
 #include <xmppd/module.h>
 
@@ -133,7 +132,6 @@ typedef struct rl_table {
     rl_entry **slots;
     size_t mask, n, cap;
     rl_entry *newest, *oldest;
-    uint64_t sipkey[2];
 } rl_table;
 
 /* A listener as sessions name it, with its own connection bucket. */
@@ -220,48 +218,6 @@ bucket_full(const rl_bucket *b, double now)
     return !b->lim || b->tokens + b->lim->rate * (now - b->last) >= b->lim->burst;
 }
 
-/* SipHash-2-4 (Aumasson, Bernstein): chains stay short even for keys an
- * attacker picks, as long as the key is secret. */
-#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND                                                                                   \
-    do {                                                                                           \
-        v0 += v1, v1 = ROTL(v1, 13), v1 ^= v0, v0 = ROTL(v0, 32);                                  \
-        v2 += v3, v3 = ROTL(v3, 16), v3 ^= v2;                                                     \
-        v0 += v3, v3 = ROTL(v3, 21), v3 ^= v0;                                                     \
-        v2 += v1, v1 = ROTL(v1, 17), v1 ^= v2, v2 = ROTL(v2, 32);                                  \
-    } while (0)
-
-static uint64_t
-siphash(const uint64_t k[2], const unsigned char *in, size_t len)
-{
-    uint64_t v0 = 0x736f6d6570736575ULL ^ k[0], v1 = 0x646f72616e646f6dULL ^ k[1];
-    uint64_t v2 = 0x6c7967656e657261ULL ^ k[0], v3 = 0x7465646279746573ULL ^ k[1];
-    uint64_t last = (uint64_t)len << 56, mw;
-    size_t end = len - len % 8;
-
-    for (size_t i = 0; i < end; i += 8) {
-        mw = 0;
-        for (int j = 7; j >= 0; j--)
-            mw = mw << 8 | in[i + (size_t)j];
-        v3 ^= mw;
-        SIPROUND;
-        SIPROUND;
-        v0 ^= mw;
-    }
-    for (size_t j = 0; j < len % 8; j++)
-        last |= (uint64_t)in[end + j] << (8 * j);
-    v3 ^= last;
-    SIPROUND;
-    SIPROUND;
-    v0 ^= last;
-    v2 ^= 0xff;
-    SIPROUND;
-    SIPROUND;
-    SIPROUND;
-    SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
-}
-
 static int
 table_init(rl_table *t, size_t cap)
 {
@@ -273,11 +229,6 @@ table_init(rl_table *t, size_t cap)
         return -1;
     t->mask = nslots - 1;
     t->cap = cap;
-    if (getrandom(t->sipkey, sizeof(t->sipkey), GRND_NONBLOCK) != (ssize_t)sizeof(t->sipkey)) {
-        /* No entropy yet (early boot): still distinct per process and start. */
-        t->sipkey[0] = (uint64_t)getpid() * 0x9e3779b97f4a7c15ULL ^ (uint64_t)(uintptr_t)t;
-        t->sipkey[1] = (uint64_t)(xd_monotonic() * 1e6);
-    }
     return 0;
 }
 
@@ -314,7 +265,7 @@ table_free(rl_table *t)
 static rl_entry *
 table_get(rl_table *t, const void *key, size_t klen, int *evicted)
 {
-    uint64_t h = siphash(t->sipkey, key, klen);
+    uint64_t h = xd_hash(key, klen); /* keyed: attackers choose account names */
     rl_entry *e;
 
     for (e = t->slots[h & t->mask]; e; e = e->hnext)

@@ -378,6 +378,7 @@ typedef struct change {
     char *pending;    /* inbound subscribe to store with F_PENDIN (XML) */
     unsigned long long ver;
     int visible;      /* the client-visible item changed: push it */
+    int by_user;      /* the user made it (not the contact): XD_ROSTER_BY_USER */
 } change;
 
 enum { CH_OK = 0, CH_LIMIT = 1, CH_ERROR = -1 };
@@ -454,7 +455,9 @@ tell_modules(const change *c)
     xd_jid user, contact;
     if (xd_jid_parse(&user, c->owner) != 0 || xd_jid_parse(&contact, c->peer) != 0)
         return;
-    xd_event ev = {.from = &user, .to = &contact, .flags = (unsigned)relation_of(c->it.flags)};
+    xd_event ev = {.from = &user,
+                   .to = &contact,
+                   .flags = (unsigned)relation_of(c->it.flags) | (c->by_user ? XD_ROSTER_BY_USER : 0)};
     xd_hooks_run(XD_HOOK_ROSTER_CHANGED, &ev);
 }
 
@@ -924,6 +927,7 @@ roster_remove(roster_mod *rm, xd_event *ev, const char *owner, const char *peer)
         reply_error(ev->stanza, "wait", "internal-server-error", NULL);
         return;
     }
+    c.by_user = 1;
     if (!(c.old.flags & F_INROSTER)) {
         ch_free(&c);
         reply_error(ev->stanza, "cancel", "item-not-found", NULL);
@@ -1058,6 +1062,7 @@ iq_roster_set(xd_event *ev, void *data)
     }
     if (ch_begin(rm, &c, owner, peer) != 0)
         goto oom;
+    c.by_user = 1;
     c.it.flags |= F_INROSTER;
     free(c.it.name);
     for (int i = 0; i < c.it.ngroups; i++)
@@ -1105,6 +1110,7 @@ outbound_subscription(roster_mod *rm, xd_event *ev, const char *type)
         xd_bounce(ev->stanza, "wait", "internal-server-error", NULL);
         return;
     }
+    c.by_user = 1;
     if (!strcmp(type, "subscribe")) {
         if (!(c.it.flags & F_TO))
             c.it.flags |= F_ASK;

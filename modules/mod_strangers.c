@@ -147,7 +147,6 @@ typedef struct command {
 /* A user whose next notice waits for notice_interval to end.  What it will
  * say is in storage (the senders not told yet): memory per user is this. */
 typedef struct pending {
-    struct pending *next; /* hash chain */
     strangers *sp;
     xd_timer *timer;
     char user[]; /* bare JID */
@@ -168,8 +167,7 @@ struct strangers {
     long long notice_interval;
     xd_timer *sweep;      /* every sweep_interval */
     xd_timer *sweep_next; /* the next step of a sweep that had more to do */
-    pending **pend;       /* users with a notice due later, by bare JID */
-    size_t npend_buckets, npend;
+    xd_hashtab *pend;     /* users with a notice due later: bare JID -> pending */
     unsigned long notice_seq;
     unsigned long cmd_seq;
     command cmds[CMD_COUNT];
@@ -300,15 +298,6 @@ add_delay(xmpp_stanza_t *st, const char *domain, long long when)
     xmpp_stanza_set_attribute(d, "from", domain);
     xmpp_stanza_set_attribute(d, "stamp", stamp);
     xmpp_stanza_add_child_ex(st, d, 0);
-}
-
-static size_t
-hash_str(const char *s)
-{
-    size_t h = 1469598103934665603ull & (size_t)-1; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * (size_t)1099511628211ull;
-    return h;
 }
 
 /* "user\0" + a sub-key (a contact or sender bare JID). */
@@ -1146,35 +1135,6 @@ notice_send(strangers *sp, const char *user, const char *domain, const notice_ba
 
 /* ---- notices that wait for the interval to end ------------------------------------------ */
 
-static pending **
-pend_slot(strangers *sp, const char *user)
-{
-    pending **pp = &sp->pend[hash_str(user) & (sp->npend_buckets - 1)];
-    while (*pp && strcmp((*pp)->user, user) != 0)
-        pp = &(*pp)->next;
-    return pp;
-}
-
-/* Double the table when it gets crowded; on failure keep the old one. */
-static void
-pend_grow(strangers *sp)
-{
-    size_t nb = sp->npend_buckets ? 2 * sp->npend_buckets : 64;
-    pending **b = calloc(nb, sizeof(*b));
-    if (!b)
-        return;
-    for (size_t i = 0; i < sp->npend_buckets; i++)
-        for (pending *p = sp->pend[i], *next; p; p = next) {
-            size_t h = hash_str(p->user) & (nb - 1);
-            next = p->next;
-            p->next = b[h];
-            b[h] = p;
-        }
-    free(sp->pend);
-    sp->pend = b;
-    sp->npend_buckets = nb;
-}
-
 static void pend_fire(void *data);
 
 /* Send the user's waiting notice in `wait` seconds, unless a timer is set
@@ -1184,13 +1144,9 @@ static void
 pend_arm(strangers *sp, const char *user, long long wait)
 {
     size_t ul = strlen(user);
-    pending **pp, *p;
+    pending *p;
 
-    if (sp->npend >= 2 * sp->npend_buckets)
-        pend_grow(sp);
-    if (!sp->npend_buckets || *(pp = pend_slot(sp, user)))
-        return;
-    if (!(p = calloc(1, sizeof(*p) + ul + 1)))
+    if (xd_hashtab_get(sp->pend, user) || !(p = calloc(1, sizeof(*p) + ul + 1)))
         return;
     memcpy(p->user, user, ul + 1);
     p->sp = sp;
@@ -1198,18 +1154,18 @@ pend_arm(strangers *sp, const char *user, long long wait)
         free(p);
         return;
     }
-    *pp = p;
-    sp->npend++;
+    if (xd_hashtab_put(sp->pend, p->user, p) != 0) { /* the key lives in p */
+        xd_timer_stop(p->timer);
+        free(p);
+    }
 }
 
 static void
 pend_drop(strangers *sp, const char *user)
 {
-    pending **pp, *p;
-    if (!sp->npend_buckets || !(p = *(pp = pend_slot(sp, user))))
+    pending *p = xd_hashtab_del(sp->pend, user);
+    if (!p)
         return;
-    *pp = p->next;
-    sp->npend--;
     xd_timer_stop(p->timer);
     free(p);
 }
@@ -1260,12 +1216,9 @@ pend_fire(void *data)
 {
     pending *p = data;
     strangers *sp = p->sp;
-    pending **pp = pend_slot(sp, p->user);
 
-    if (*pp == p) {
-        *pp = p->next;
-        sp->npend--;
-    }
+    if (xd_hashtab_get(sp->pend, p->user) == p)
+        xd_hashtab_del(sp->pend, p->user);
     p->timer = NULL; /* a one-shot timer is spent once it fired */
     notice_flush(sp, p->user);
     free(p);
@@ -1638,7 +1591,8 @@ st_deliver(xd_event *ev, void *data)
     size_t plen;
     int r;
 
-    if (!st || !ev->from || !ev->to || !ev->to->local[0] ||
+    /* A re-routed stanza (smacks) was judged on its first pass. */
+    if (!st || (ev->flags & XD_EVENT_REROUTED) || !ev->from || !ev->to || !ev->to->local[0] ||
         strcmp(xmpp_stanza_get_name(st), "message") != 0 || !chat_or_normal(st) ||
         !has_content(st) || !host_enabled(sp, ev->to->domain))
         return XD_PASS;
@@ -1773,7 +1727,10 @@ st_roster_changed(xd_event *ev, void *data)
         return XD_PASS;
     if (ev->flags & ROSTER_KNOWN)
         release(sp, &user, contact_s);
-    else if (ev->flags == 0)
+    else if (ev->flags == XD_ROSTER_BY_USER)
+        /* The user denied the request or removed the contact.  A stranger
+         * withdrawing its own request (flags 0) decides nothing for the
+         * user: its messages stay held, to expire and go back as usual. */
         log_rejected(sp, &user, "refused", contact_s, delete_held(sp, &user, &contact));
     return XD_PASS;
 }
@@ -2529,6 +2486,17 @@ int_setting(xd_module *m, const char *name, long long def, long long lo, long lo
     return 0;
 }
 
+static int
+pend_free(const char *user, void *val, void *data)
+{
+    pending *p = val;
+    (void)user;
+    (void)data;
+    xd_timer_stop(p->timer);
+    free(p);
+    return 0;
+}
+
 static void
 strangers_free(strangers *sp)
 {
@@ -2536,13 +2504,10 @@ strangers_free(strangers *sp)
         return;
     xd_timer_stop(sp->sweep);
     xd_timer_stop(sp->sweep_next);
-    for (size_t i = 0; i < sp->npend_buckets; i++)
-        for (pending *p = sp->pend[i], *next; p; p = next) {
-            next = p->next;
-            xd_timer_stop(p->timer);
-            free(p);
-        }
-    free(sp->pend);
+    if (sp->pend) {
+        xd_hashtab_foreach(sp->pend, pend_free, NULL);
+        xd_hashtab_free(sp->pend);
+    }
     for (int i = 0; i < sp->nhosts; i++)
         free(sp->hosts[i]);
     free(sp->hosts);
@@ -2556,8 +2521,10 @@ strangers_load(xd_module *m)
     const char *notice;
     int r = 0, n;
 
-    if (!sp)
+    if (!sp || !(sp->pend = xd_hashtab_new(64))) {
+        free(sp);
         return -1;
+    }
     sp->m = m;
     sp->enabled = xd_config_bool(m, "enabled", 1);
     sp->exempt_local = xd_config_bool(m, "exempt_local", 0);

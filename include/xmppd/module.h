@@ -85,7 +85,8 @@ typedef enum xd_hook_id {
                                mod_register): session, from = the new bare JID. DROP refuses */
     XD_HOOK_ROSTER_CHANGED, /* a roster item changed (run by the roster module after its commit):
                                from = the user's bare JID, to = the contact's bare JID,
-                               flags = the new XD_ROSTER_* relation (0: item removed) */
+                               flags = the new XD_ROSTER_* relation (0: item removed),
+                               plus XD_ROSTER_BY_USER when the user made the change */
     XD_HOOK_HOST_STANZA,    /* a message or presence addressed to a served domain itself (no
                                localpart), e.g. pubsub notifications for the server: stanza,
                                from, to. Unhandled messages bounce service-unavailable */
@@ -339,7 +340,10 @@ enum {
     XD_ROSTER_FROM = 2,        /* the contact receives the user's presence */
     XD_ROSTER_TO = 4,          /* the user receives the contact's presence */
     XD_ROSTER_PENDING_OUT = 8, /* the user asked to subscribe, no answer yet */
-    XD_ROSTER_PENDING_IN = 16  /* the contact asked to subscribe, no answer yet */
+    XD_ROSTER_PENDING_IN = 16, /* the contact asked to subscribe, no answer yet */
+    /* XD_HOOK_ROSTER_CHANGED only: the user made the change (roster set or
+     * remove, an answer to a request); without it the contact did. */
+    XD_ROSTER_BY_USER = 256
 };
 /*
  * The roster module answers queries for the others (PEP access models, MAM

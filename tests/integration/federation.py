@@ -55,6 +55,23 @@ Building blocks (for more peers, refusal cases, xmppd):
   FedClient   xmpp_helpers.Client + ping(jid), disco(jid), bare_jid; works
               with any object having host, c2s_port, domain, ca (and jid(),
               users for fed_clients).
+  XmppdPeer(fed, domain, modules=(c2s, roster, offline, s2s_external),
+              connect_timeout=5, s2s_options="", static_routes=(), extra="",
+              name="xmppd")   the xmppd under test serving a federation
+              domain (its certs, address, SRV port, the dnsmasq): the config
+              is written at construction (attributes + write_config() to
+              change it); add_users({local: pw}), launch(users=PEER_USERS,
+              attach=True) = build/port checks + users + attach + start;
+              start(), running(), terminate() (exit status, "hung" if
+              killed; idempotent, start() again restarts), log(), mark(),
+              log_tail(), wait_log(regex, since=0, timeout, count) ->
+              findall list.  Subclass it for module-specific settings.
+  RawS2S(fed, target, me=EVIL, cert=None, key=None)   an s2s stream spoken
+              by hand to target's s2s port as `me` (its CA-signed cert by
+              default): send, expect(regex) -> bytes, header() -> features
+              or stream error, starttls(), sasl(expect), authenticate(),
+              stream_error(out=None) -> condition,
+              expect_stream_error(conditions), close().
 
 On a failing test that used any of these fixtures, the part of every peer's
 log (and dnsmasq's query log) written during the test is attached to the
@@ -65,11 +82,14 @@ as a plugin; its asserts carry their own messages.)
 """
 
 import atexit
+import base64
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -77,8 +97,9 @@ from pathlib import Path
 
 import pytest
 
-from xmpp_helpers import (DISCO_INFO_NS, PING_NS, Client, LoopThread,
-                          free_port, port_accepts, uniq)
+from xmpp_helpers import (DISCO_INFO_NS, MODULE_DIR, PING_NS, SASL_NS, STREAM_NS, TLS_NS,
+                          XMPPCTL, XMPPD, Client, LoopThread, free_port, missing_binaries,
+                          port_accepts, uniq)
 
 # ------------------------------------------------------------------ constants
 
@@ -866,6 +887,234 @@ class ExternalPeer:
 
     def stop(self):
         return self.server.terminate()
+
+
+# ------------------------------------------------------------------ xmppd in the federation
+
+class XmppdPeer:
+    """xmppd serving one federation domain: c2s (STARTTLS) on a free port of
+    the domain's address, s2s on its SRV port there, DNS through the
+    federation's dnsmasq, the domain's CA-signed certificate.
+
+    modules: the modules list; s2s_options: more s2s_external settings (text
+    inside its block); static_routes: "DOMAIN=ADDRESS:PORT" strings; extra:
+    config text appended (a module's block).  The config is written at once
+    (add_users() needs it); change an attribute and call write_config() to
+    restart with another.  launch() is what a fixture does: checks, users,
+    attach, start.  terminate() is idempotent and returns the exit status
+    ("hung" if it had to be killed); start() again restarts it."""
+
+    wait_timeout = 10.0      # wait_log()'s default
+
+    def __init__(self, fed, domain, modules=("c2s", "roster", "offline", "s2s_external"),
+                 connect_timeout=5, s2s_options="", static_routes=(), extra="",
+                 name="xmppd"):
+        self.fed, self.domain, self.name = fed, domain, name
+        self.host = fed.net.addr(domain)
+        self.c2s_port = free_port(host=self.host)
+        self.starttls_port = self.c2s_port
+        self.s2s_port = fed.net.s2s_port(domain)
+        self.ca = fed.certs.ca
+        self.dir = fed.root / uniq("xmppd-%s" % domain)
+        self.dir.mkdir(parents=True)
+        self.config_path = self.dir / "xmppd.cfg"
+        self.log_path = self.dir / "xmppd.log"
+        self.modules, self.connect_timeout = modules, connect_timeout
+        self.s2s_options, self.static_routes, self.extra = s2s_options, static_routes, extra
+        self.users = {}
+        self.proc = None
+        self._logf = None
+        self.write_config()
+
+    def config_text(self):
+        c = self.fed.certs[self.domain]
+        s2s = "connect_timeout = %d;" % self.connect_timeout
+        if self.s2s_options:
+            s2s += " " + self.s2s_options
+        if self.static_routes:
+            s2s += " static_routes = ( %s );" % ", ".join('"%s"' % r for r in self.static_routes)
+        listener = '{ stream = "%s"; address = "%s"; port = %d; tls = "starttls"; }'
+        return "".join([
+            'log_level = "debug";\n',
+            'data_dir = "%s";\n' % (self.dir / "data"),
+            'module_dir = "%s";\n' % MODULE_DIR,
+            'hosts = ( { domain = "%s"; cert = "%s"; key = "%s"; } );\n'
+            % (self.domain, c.cert, c.key),
+            "listeners = ( %s,\n              %s );\n"
+            % (listener % ("c2s", self.host, self.c2s_port),
+               listener % ("s2s", self.host, self.s2s_port)),
+            "modules = ( %s );\n" % ", ".join('"%s"' % m for m in self.modules),
+            's2s_external = { ca_file = "%s"; dns_servers = "%s"; %s };\n'
+            % (self.fed.certs.ca, self.fed.net.dns_server, s2s),
+            self.extra])
+
+    def write_config(self):
+        self.config_path.write_text(self.config_text())
+
+    def jid(self, local):
+        return "%s@%s" % (local, self.domain)
+
+    def add_users(self, users):
+        for local, pw in users.items():
+            r = subprocess.run([str(XMPPCTL), "--config", str(self.config_path), "adduser",
+                                self.jid(local), "--password", pw],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            self.users[self.jid(local)] = pw
+
+    def launch(self, users=PEER_USERS, attach=True):
+        """Fail the test (not error) when xmppd is not built or something
+        serves the domain's s2s address already; create users; with attach,
+        register with the federation (its log in failure reports; stopped with
+        it at the latest); start."""
+        if missing_binaries():
+            pytest.fail("xmppd is not built: %s" % missing_binaries(), pytrace=False)
+        if port_accepts(self.host, self.s2s_port, 0.3):
+            pytest.fail("something already serves %s's s2s address" % self.domain,
+                        pytrace=False)
+        self.add_users(users)
+        if attach:
+            self.fed.attach(self, self.domain, name=self.name)
+        return self.start()
+
+    def start(self):
+        self._logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(XMPPD), "--config", str(self.config_path)],
+                                     stdin=subprocess.DEVNULL, stdout=self._logf,
+                                     stderr=self._logf)
+        _wait_ports(self, [(self.host, self.c2s_port), (self.host, self.s2s_port)], 10)
+        return self
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout=10):
+        """SIGTERM; the exit status ("hung" if it had to be killed)."""
+        if self.proc is None:
+            return None
+        rc = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                rc = "hung"
+        if self._logf:
+            self._logf.close()
+            self._logf = None
+        return rc or self.proc.returncode
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines=200):
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def mark(self):
+        return len(self.log())
+
+    def wait_log(self, pattern, since=0, timeout=None, count=1):
+        """Wait until regex pattern occurs count times in log()[since:];
+        returns re.findall's list."""
+        timeout = self.wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.findall(pattern, self.log()[since:])
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError("%s %s never logged %r (x%d) after %.0f s\n--- log ---\n%s"
+                                     % (self.name, self.domain, pattern, count, timeout,
+                                        self.log_tail(80)))
+            time.sleep(0.05)
+
+
+class RawS2S:
+    """An s2s stream to `target` (anything with host, s2s_port, domain)
+    spoken by hand as `me`, with me's CA-signed certificate unless cert and
+    key are given."""
+
+    SUCCESS = r"<success[^>]*/>|<success[^>]*>.*?</success>"
+
+    def __init__(self, fed, target, me=EVIL, cert=None, key=None):
+        self.fed, self.target, self.me = fed, target, me
+        self.cert = cert or fed.certs[me].cert
+        self.key = key or fed.certs[me].key
+        self.sock = socket.create_connection((target.host, target.s2s_port), timeout=10)
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def expect(self, pattern, timeout=10):
+        """What was received up to the end of the first match of pattern."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern, re.S)
+        while True:
+            m = rx.search(self.buf)
+            if m:
+                out, self.buf = self.buf[:m.end()], self.buf[m.end():]
+                return out
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out waiting for %r; got %r" % (pattern, self.buf[-500:])
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except (ssl.SSLError, ConnectionResetError):
+                chunk = b""
+            assert chunk, "closed while waiting for %r; got %r" % (pattern, self.buf[-500:])
+            self.buf += chunk
+
+    def header(self):
+        """A stream header (again after TLS or SASL); what answers it: the
+        features, or a stream error."""
+        self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                  "xmlns:stream='%s' xmlns:db='jabber:server:dialback' from='%s' to='%s' "
+                  "version='1.0'>" % (STREAM_NS, self.me, self.target.domain))
+        return self.expect(r"</stream:features>|<stream:features/>|</stream:error>")
+
+    def starttls(self):
+        """STARTTLS with our certificate; what answers the new header."""
+        self.header()
+        self.send("<starttls xmlns='%s'/>" % TLS_NS)
+        self.expect(r"<proceed[^>]*/>")
+        ctx = ssl.create_default_context(cafile=self.fed.certs.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=self.target.domain)
+        return self.header()
+
+    def sasl(self, expect=SUCCESS):
+        """SASL EXTERNAL up to <success/> (or what `expect` says)."""
+        self.send("<auth xmlns='%s' mechanism='EXTERNAL'>%s</auth>"
+                  % (SASL_NS, base64.b64encode(self.me.encode()).decode()))
+        return self.expect(expect)
+
+    def authenticate(self):
+        """STARTTLS, SASL EXTERNAL; the features of the authenticated stream."""
+        feats = self.starttls()
+        assert b"EXTERNAL" in feats, feats
+        self.sasl()
+        return self.header()
+
+    def stream_error(self, out=None, timeout=10):
+        """The condition of the stream error in out (default: the next one)."""
+        out = out or self.expect(r"<stream:error>.*?</stream:error>", timeout)
+        assert b"<stream:error>" in out, out
+        cond = re.search(rb"<([a-z-]+) xmlns=['\"]urn:ietf:params:xml:ns:xmpp-streams", out)
+        return cond.group(1).decode() if cond else out
+
+    def expect_stream_error(self, conditions, timeout=10):
+        cond = self.stream_error(timeout=timeout)
+        assert cond in conditions, cond
+        return cond
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------ clients

@@ -8,12 +8,11 @@ and the layering with blocking and offline storage."""
 
 import asyncio
 import socket
-import time
 from xml.etree import ElementTree as ET
 
 import pytest
 
-from xmpp_helpers import DOMAIN, MALLORY, USERS, RawStream, StreamClosed, uniq
+from xmpp_helpers import DOMAIN, MALLORY, StanzaStream, uniq
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 NS = "urn:xmpp:carbons:2"
@@ -24,7 +23,6 @@ NS_DISCO = "http://jabber.org/protocol/disco#info"
 NS_OMEMO = "eu.siacs.conversations.axolotl"
 MODULES = ("c2s", "carbons")
 LAYERED = ("c2s", "roster", "blocking", "carbons", "offline")
-PASSWORDS = dict(list(USERS.items()) + [MALLORY])
 
 OMEMO = ("<encrypted xmlns='%s'><header sid='1234567'>"
          "<key rid='7654321' prekey='true'>MwohBf0Rt+Xn0cW7C1p0/pd+R7z3K3kbN+fEqBkq8yQ=</key>"
@@ -40,74 +38,16 @@ def q(tag, ns=NS_CLIENT):
 
 # ------------------------------------------------------------------ a stanza reader
 
-class Peer:
+class Peer(StanzaStream):
     """A logged-in raw stream whose input is parsed into top-level stanzas."""
 
-    def __init__(self, server, jid, resource, mech="SCRAM-SHA-256"):
-        self.r = RawStream(server)
-        self.full = self.r.login(jid, PASSWORDS[jid], resource, mech=mech)
-        self.bare = jid
-        self.parser = ET.XMLPullParser(events=("start", "end"))
-        self.parser.feed(b"<w xmlns='jabber:client'>")
-        self.depth = 0
-        self.pending = []      # stanzas read and not yet taken
-
-    def send(self, xml):
-        self.r.send(xml)
-
-    def _pump(self, deadline):
-        if not self.r.buf:
-            try:
-                self.r._recv_some(deadline)
-            except OSError:
-                raise AssertionError("timed out; transcript:\n" + self.r.dump()) from None
-            if self.r.eof and not self.r.buf:
-                raise StreamClosed("stream closed; transcript:\n" + self.r.dump())
-        data, self.r.buf = self.r.buf, b""
-        self.parser.feed(data)
-        for ev, el in self.parser.read_events():
-            if ev == "start":
-                self.depth += 1
-            else:
-                self.depth -= 1
-                if self.depth == 1:
-                    self.pending.append(el)
-
-    def wait(self, pred, what, timeout=10.0):
-        """The first stanza (already read or still to come) for which pred is true."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, el in enumerate(self.pending):
-                if pred(el):
-                    return self.pending.pop(i)
-            if time.monotonic() > deadline:
-                raise AssertionError("%s: timed out waiting for %s; transcript:\n%s"
-                                     % (self.full, what, self.r.dump()))
-            self._pump(deadline)
-
-    def sync(self):
-        """A ping round trip: everything the server meant for us before now is read."""
-        ident = uniq("sync")
-        self.send("<iq type='get' id='%s' to='%s'><ping xmlns='urn:xmpp:ping'/></iq>"
-                  % (ident, DOMAIN))
-        self.wait(lambda e: e.tag == q("iq") and e.get("id") == ident, "ping result")
-
-    def iq(self, payload, itype="set", to=None):
-        ident = uniq("iq")
-        self.send("<iq type='%s' id='%s'%s>%s</iq>"
-                  % (itype, ident, " to='%s'" % to if to else "", payload))
-        return self.wait(lambda e: e.tag == q("iq") and e.get("id") == ident, "iq " + ident)
+    wait_timeout = 10.0
 
     def presence(self, priority=None, ptype=None):
         self.send("<presence%s>%s</presence>"
                   % (" type='%s'" % ptype if ptype else "",
                      "<priority>%d</priority>" % priority if priority is not None else ""))
         self.sync()
-
-    def message(self, ident, what=None):
-        """The plain (non-carbon) message with this id."""
-        return self.wait(lambda e: e.tag == q("message") and e.get("id") == ident,
-                         what or "message " + ident)
 
     def carbon(self, kind, ident):
         """The <kind/> carbon whose forwarded message has this id; returns (outer, inner)."""
@@ -134,17 +74,6 @@ class Peer:
         for el in self.pending:
             assert el.find(q("sent", NS)) is None and el.find(q("received", NS)) is None, (
                 "%s got a carbon: %s" % (self.full, ET.tostring(el).decode()))
-
-    def close(self):
-        """End the stream and wait for the server to close it, one stream at a
-        time (several resources of one user dropping at the same instant has
-        crashed the core before)."""
-        try:
-            self.r.send("</stream:stream>")
-            self.r.read_until_closed(timeout=3)
-        except OSError:
-            pass
-        self.r.close()
 
 
 def inner_of(el, kind):
@@ -220,7 +149,7 @@ def peer():
     made = []
 
     def make(server, jid, resource, priority=0, available=True, carbons=False, **kw):
-        p = Peer(server, jid, resource, **kw)
+        p = Peer.login(server, jid, resource, **kw)
         made.append(p)
         if available:
             p.presence(priority)

@@ -24,7 +24,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from xmpp_helpers import DOMAIN, USERS, XMPPD, RawStream, StreamClosed, uniq
+from xmpp_helpers import DOMAIN, USERS, XMPPD, RawStream, StanzaStream, uniq
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 NS_CSI = "urn:xmpp:csi:0"
@@ -40,9 +40,6 @@ INACTIVE = "<inactive xmlns='%s'/>" % NS_CSI
 ACTIVE = "<active xmlns='%s'/>" % NS_CSI
 QUIET = 0.4  # how long "nothing arrives" is watched (the server is local)
 
-ROOT = (b"<stream:stream xmlns='jabber:client' "
-        b"xmlns:stream='http://etherx.jabber.org/streams'>")
-
 
 def q(tag, ns="jabber:client"):
     return "{%s}%s" % (ns, tag)
@@ -54,59 +51,11 @@ def bare(jid):
 
 # ------------------------------------------------------------------ a stanza reader
 
-class Peer:
-    """A raw client stream whose input is parsed into top-level elements
-    (stanzas and nonzas), nested ones (carbons) included."""
+class Peer(StanzaStream):
+    """A raw client stream parsed into top-level elements (stanzas and
+    nonzas), nested ones (carbons) included."""
 
-    def __init__(self, r, full=None, bare_jid=None):
-        self.r = r
-        self.full = full
-        self.bare = bare_jid or bare(full)
-        self.parser = ET.XMLPullParser(events=("start", "end"))
-        self.parser.feed(ROOT)
-        self.depth = 0
-        self.pending = []
-
-    @classmethod
-    def login(cls, server, jid, resource):
-        r = RawStream(server)
-        return cls(r, r.login(jid, USERS[jid], resource))
-
-    def send(self, xml):
-        self.r.send(xml)
-
-    def _pump(self, deadline):
-        if not self.r.buf:
-            try:
-                self.r._recv_some(deadline)
-            except OSError:
-                return False  # timed out
-            if self.r.eof and not self.r.buf:
-                raise StreamClosed("stream closed; transcript:\n" + self.r.dump())
-        data, self.r.buf = self.r.buf, b""
-        self.parser.feed(data)
-        for ev, el in self.parser.read_events():
-            if ev == "start":
-                self.depth += 1
-            else:
-                self.depth -= 1
-                if self.depth == 1:
-                    self.pending.append(el)
-        return True
-
-    def wait(self, pred, what, timeout=5.0):
-        """The first element (read or still to come) for which pred is true;
-        the ones before it stay pending."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, el in enumerate(self.pending):
-                if pred(el):
-                    return self.pending.pop(i)
-            if time.monotonic() > deadline:
-                raise AssertionError("%s: timed out waiting for %s; pending %s; transcript:\n%s"
-                                     % (self.full, what, [show(e) for e in self.pending],
-                                        self.r.dump()))
-            self._pump(deadline)
+    wait_timeout = 5.0
 
     def take(self, n, timeout=5.0):
         """The next n elements, in the order they arrived."""
@@ -128,13 +77,6 @@ class Peer:
         out, self.pending = self.pending, []
         return out
 
-    def sync(self):
-        """A ping round trip with the server (an IQ: never held)."""
-        ident = uniq("sync")
-        self.send("<iq type='get' id='%s' to='%s'><ping xmlns='urn:xmpp:ping'/></iq>"
-                  % (ident, DOMAIN))
-        self.wait(lambda e: e.tag == q("iq") and e.get("id") == ident, "ping result " + ident)
-
     def drain(self):
         self.sync()
         out, self.pending = self.pending, []
@@ -144,14 +86,6 @@ class Peer:
         self.send("<presence%s>%s</presence>" % (
             " type='%s'" % ptype if ptype else "",
             "<status>%s</status>" % status if status else ""))
-
-    def close(self):
-        try:
-            self.r.send("</stream:stream>")
-            self.r.read_until_closed(timeout=3)
-        except OSError:
-            pass
-        self.r.close()
 
 
 def show(el):

@@ -16,11 +16,9 @@ Two setups:
 Run: /usr/bin/python3 -m pytest -q tests/integration/test_jabberspam.py
 """
 
-import base64
 import queue
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -29,17 +27,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from federation import EJABBERD, EVIL, PEER_USERS, PROSODY, UNREACHABLE, _wait_ports
-from xmpp_helpers import (MODULE_DIR, USERS, XMPPCTL, XMPPD, RawStream, free_port,
-                          missing_binaries, port_accepts, uniq)
+from federation import EJABBERD, EVIL, PROSODY, UNREACHABLE, RawS2S, XmppdPeer
+from xmpp_helpers import USERS, XMPPD, RawStream, uniq
 
 pytest_plugins = ["federation"]
 
 ALICE = "alice@localhost"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-STREAM_NS = "http://etherx.jabber.org/streams"
-TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
-SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 
 
 # ====================================================================== helpers
@@ -455,72 +449,18 @@ def test_scheduled_refresh_and_fresh_cache(spam_server, pingers, list_server, ce
 
 # ====================================================================== federation
 
-class SpamPeer:
+class SpamPeer(XmppdPeer):
     """xmppd for evil.test in the federation (s2s_external + jabberspam)."""
 
-    name = "xmppd"
-    domain = EVIL
+    wait_timeout = 15.0
 
     def __init__(self, fed, list_text):
-        self.fed = fed
-        self.host = fed.net.addr(EVIL)
-        self.c2s_port = free_port(host=self.host)
-        self.s2s_port = fed.net.s2s_port(EVIL)
-        self.ca = fed.certs.ca
-        self.dir = fed.root / uniq("xmppd-jabberspam")
-        self.dir.mkdir(parents=True)
+        super().__init__(fed, EVIL, modules=("c2s", "roster", "s2s_external", "jabberspam"),
+                         s2s_options="allow_subdomains = true;", name="xmppd (jabberspam)")
         self.list_path = self.dir / "blacklist.txt"
         self.list_path.write_text(list_text)
-        self.config_path = self.dir / "xmppd.cfg"
-        self.log_path = self.dir / "xmppd.log"
-        c = fed.certs[EVIL]
-        self.config_path.write_text(
-            'log_level = "debug";\n'
-            'data_dir = "%s";\n' % (self.dir / "data") +
-            'module_dir = "%s";\n' % MODULE_DIR +
-            'hosts = ( { domain = "%s"; cert = "%s"; key = "%s"; } );\n' % (EVIL, c.cert, c.key) +
-            'listeners = ( { stream = "c2s"; address = "%s"; port = %d; tls = "starttls"; },\n'
-            '              { stream = "s2s"; address = "%s"; port = %d; tls = "starttls"; } );\n'
-            % (self.host, self.c2s_port, self.host, self.s2s_port) +
-            'modules = ( "c2s", "roster", "s2s_external", "jabberspam" );\n'
-            's2s_external = { ca_file = "%s"; dns_servers = "%s"; connect_timeout = 5;'
-            ' allow_subdomains = true; };\n' % (fed.certs.ca, fed.net.dns_server) +
-            'jabberspam = { file = "%s"; };\n' % self.list_path)
-        self.users = {}
-        self.proc = None
-        self._logf = None
-
-    def jid(self, local):
-        return "%s@%s" % (local, EVIL)
-
-    def start(self):
-        for local, pw in PEER_USERS.items():
-            r = subprocess.run([str(XMPPCTL), "--config", str(self.config_path), "adduser",
-                                self.jid(local), "--password", pw],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stderr
-            self.users[self.jid(local)] = pw
-        self._logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(XMPPD), "--config", str(self.config_path)],
-                                     stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=self._logf)
-        _wait_ports(self, [(self.host, self.c2s_port), (self.host, self.s2s_port)], 10)
-        return self
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines=200):
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def mark(self):
-        return len(self.log())
-
-    def wait_log(self, pattern, since=0, timeout=15.0):
-        return wait_log(self.log, pattern, since, timeout)
+        self.extra = 'jabberspam = { file = "%s"; };\n' % self.list_path
+        self.write_config()
 
     def set_list(self, text):
         """Write the list and SIGHUP; returns once it is in force."""
@@ -529,35 +469,13 @@ class SpamPeer:
         self.proc.send_signal(signal.SIGHUP)
         self.wait_log(r"jabberspam: read %s " % re.escape(str(self.list_path)), mark)
 
-    def terminate(self, timeout=10):
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._logf:
-            self._logf.close()
-            self._logf = None
-        return self.proc.returncode
-
 
 BASE_LIST = "# the federation test list\nprosody.test\nspam.unreachable.test\n"
 
 
 @pytest.fixture(scope="module")
 def spam_peer(federation):
-    if missing_binaries():
-        pytest.fail("xmppd is not built: %s" % missing_binaries(), pytrace=False)
-    if port_accepts(federation.net.addr(EVIL), federation.net.s2s_port(EVIL), 0.3):
-        pytest.fail("something already serves evil.test's s2s address", pytrace=False)
-    srv = SpamPeer(federation, BASE_LIST)
-    ext = federation.attach(srv, EVIL)   # its log goes into failure reports
-    ext.name = "xmppd (jabberspam)"
-    srv.start()
+    srv = SpamPeer(federation, BASE_LIST).launch()
     yield srv
     rc = srv.terminate()
     assert rc == 0, srv.log_tail()
@@ -646,81 +564,6 @@ def test_unlisted_peer_federates_both_ways(spam, ejabberd_peer, fed_clients):
     spam.wait_log(r"server ejabberd\.test authenticated \(SASL EXTERNAL\)")
 
 
-class RawS2S:
-    """An s2s stream spoken by hand to the jabberspam xmppd, as `me`."""
-
-    def __init__(self, fed, target, me, cert, key):
-        self.fed, self.target, self.me, self.cert, self.key = fed, target, me, cert, key
-        self.sock = socket.create_connection((target.host, target.s2s_port), timeout=10)
-        self.buf = b""
-
-    def send(self, data):
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def expect(self, pattern, timeout=10):
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern.encode(), re.S)
-        while True:
-            m = rx.search(self.buf)
-            if m:
-                out, self.buf = self.buf[:m.end()], self.buf[m.end():]
-                return out
-            left = deadline - time.monotonic()
-            assert left > 0, "timed out waiting for %r; got %r" % (pattern, self.buf[-500:])
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except (ssl.SSLError, ConnectionResetError):
-                chunk = b""
-            assert chunk, "closed while waiting for %r; got %r" % (pattern, self.buf[-500:])
-            self.buf += chunk
-
-    def header(self):
-        self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
-                  "xmlns:stream='%s' from='%s' to='%s' version='1.0'>"
-                  % (STREAM_NS, self.me, EVIL))
-
-    def tls(self):
-        """STARTTLS with our certificate; returns what follows the new header
-        (features, or a stream error)."""
-        self.header()
-        self.expect(r"</stream:features>|<stream:features/>")
-        self.send("<starttls xmlns='%s'/>" % TLS_NS)
-        self.expect(r"<proceed[^>]*/>")
-        ctx = ssl.create_default_context(cafile=self.fed.certs.ca)
-        ctx.load_cert_chain(self.cert, self.key)
-        self.sock = ctx.wrap_socket(self.sock, server_hostname=EVIL)
-        self.header()
-        return self.expect(r"</stream:features>|<stream:features/>|</stream:error>")
-
-    def sasl(self, expect=r"<success[^>]*/>|<success[^>]*>.*?</success>"):
-        """SASL EXTERNAL up to <success/> (or what `expect` says)."""
-        self.send("<auth xmlns='%s' mechanism='EXTERNAL'>%s</auth>"
-                  % (SASL_NS, base64.b64encode(self.me.encode()).decode()))
-        self.expect(expect)
-
-    def auth(self):
-        feats = self.tls()
-        assert b"EXTERNAL" in feats, feats
-        self.sasl()
-
-    def restart(self):
-        self.header()
-        return self.expect(r"</stream:features>|<stream:features/>")
-
-    def stream_error(self, out=None):
-        out = out or self.expect(r"<stream:error>.*?</stream:error>")
-        assert b"<stream:error>" in out, out
-        cond = re.search(rb"<([a-z-]+) xmlns=['\"]urn:ietf:params:xml:ns:xmpp-streams", out)
-        return cond.group(1).decode() if cond else out
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
 def cert_for(fed, tmp_path, name, key):
     tmpl = tmp_path / ("%s.tmpl" % name)
     tmpl.write_text('cn = "%s"\ndns_name = "%s"\nserial = %d\nexpiration_days = 3\n'
@@ -751,21 +594,20 @@ def test_raw_streams_policy_violation_subdomains_and_reload(spam, federation, fe
             mark = spam.mark()
             r = raw(me, cert, pc.key)
             # refused as soon as the certificate proves the domain: no SASL offered
-            assert r.stream_error(r.tls()) == "policy-violation"
+            assert r.stream_error(r.starttls()) == "policy-violation"
             spam.wait_log(r"refused the server stream from %s \(\S+, certificate verified\): "
                           r"prosody\.test is on the JabberSPAM list" % re.escape(me), mark)
         # a certificate that does not prove the claim is mod_s2s_external's to refuse
         mark = spam.mark()
         r = raw(PROSODY, fed.certs[UNREACHABLE].cert, fed.certs[UNREACHABLE].key)
-        assert r.stream_error(r.tls()) == "not-authorized"
+        assert r.stream_error(r.starttls()) == "not-authorized"
         assert "jabberspam" not in spam.log()[mark:]
 
         # unlisted unreachable.test gets in; a listed subdomain of it does not speak
         victim = fed_clients(spam, "alice")
         uc = fed.certs[UNREACHABLE]
         r = raw(UNREACHABLE, uc.cert, uc.key)
-        r.auth()
-        r.restart()
+        r.authenticate()
         mark = spam.mark()
         r.send("<message from='eve@spam.unreachable.test/x' to='%s' type='chat'>"
                "<body>from a listed subdomain</body></message>" % victim.full_jid)
@@ -788,12 +630,12 @@ def test_raw_streams_policy_violation_subdomains_and_reload(spam, federation, fe
                       r"unreachable\.test is on the JabberSPAM list", mark)
         # and a new stream is refused at authentication
         r2 = raw(UNREACHABLE, uc.cert, uc.key)
-        assert r2.stream_error(r2.tls()) == "policy-violation"
+        assert r2.stream_error(r2.starttls()) == "policy-violation"
 
         # listed between the features and <auth/>: XD_HOOK_S2S_AUTH refuses it
         spam.set_list(BASE_LIST)
         r3 = raw(UNREACHABLE, uc.cert, uc.key)
-        assert b"EXTERNAL" in r3.tls()
+        assert b"EXTERNAL" in r3.starttls()
         spam.set_list(BASE_LIST + "unreachable.test\n")
         mark = spam.mark()
         # refused before <success/>, on the same stream: SASL failure, then

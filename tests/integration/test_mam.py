@@ -15,10 +15,9 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from xmpp_helpers import MALLORY, USERS, RawStream, uniq
+from xmpp_helpers import MALLORY, StanzaStream, error_condition, uniq
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
-PASSWORDS = dict(USERS, **{MALLORY[0]: MALLORY[1]})
 MODULE_SETS = {
     "alone": ("c2s", "mam"),
     "together": ("c2s", "roster", "blocking", "mam", "offline"),
@@ -51,92 +50,10 @@ def shape(el):
             [shape(c) + (c.tail or "",) for c in el])
 
 
-class Peer:
-    """A logged-in client stream whose input is parsed into top-level stanzas."""
-
-    def __init__(self, srv, jid, resource, presence=True):
-        self.r = RawStream(srv)
-        self.bare = jid
-        self.full = self.r.login(jid, PASSWORDS[jid], resource)
-        self.parser = ET.XMLPullParser(events=("start", "end"))
-        self.parser.feed(b"<root xmlns='jabber:client'>")
-        self.root = None
-        self.depth = 0
-        self.queue = []
-        self.n = 0
-        self._take()
-        if presence:
-            self.send("<presence/>")
-            self.sync()
-
-    def _take(self):
-        data, self.r.buf = self.r.buf, b""
-        self.parser.feed(data)
-        for ev, el in self.parser.read_events():
-            if ev == "start":
-                self.depth += 1
-                if self.root is None:
-                    self.root = el
-            else:
-                self.depth -= 1
-                if self.depth == 1:
-                    self.queue.append(el)
-                    self.root.remove(el)
-
-    def send(self, xml):
-        self.r.send(xml)
-
-    def next(self, pred, what, timeout=8.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, el in enumerate(self.queue):
-                if pred(el):
-                    return self.queue.pop(i)
-            if self.r.eof:
-                raise AssertionError("%s: stream closed waiting for %s\n%s"
-                                     % (self.full, what, self.r.dump()))
-            try:
-                self.r._recv_some(deadline)
-            except OSError:
-                raise AssertionError("%s: timed out waiting for %s\n%s"
-                                     % (self.full, what, self.r.dump())) from None
-            self._take()
-
-    def iq(self, payload, itype="set", to=None):
-        """Send an IQ; returns (iq, [stanzas that arrived before it])."""
-        self.n += 1
-        ident = "iq%d" % self.n
-        self.send("<iq type='%s' id='%s'%s>%s</iq>"
-                  % (itype, ident, " to='%s'" % to if to else "", payload))
-        reply = self.next(lambda e: e.tag == q("iq", NS_CLIENT) and e.get("id") == ident,
-                          "IQ reply %s" % ident)
-        return reply
-
-    def sync(self):
-        """Everything sent before has been handled by the server (it reads in order)."""
-        r = self.iq("<ping xmlns='urn:xmpp:ping'/>", "get", "localhost")
-        assert r.get("type") == "result"
-
-    def message(self, ident, what=None):
-        return self.next(lambda e: e.tag == q("message", NS_CLIENT) and e.get("id") == ident,
-                         what or "message %s" % ident)
-
-    def chat(self, to, body, ident=None, mtype="chat", extra=""):
-        ident = ident or uniq("m")
-        self.send("<message to='%s' id='%s' type='%s'><body>%s</body>%s</message>"
-                  % (to, ident, mtype, body, extra))
-        return ident
-
+class Peer(StanzaStream):
     def unexpected(self, pred):
         self.sync()
-        return [ET.tostring(e) for e in self.queue if pred(e)]
-
-    def close(self):
-        try:
-            self.send("</stream:stream>")
-        except OSError:
-            pass
-        self.r.close()
+        return [ET.tostring(e) for e in self.pending if pred(e)]
 
 
 class Page:
@@ -162,16 +79,6 @@ class Page:
         return [i["body"] for i in self.items]
 
 
-def error_condition(st):
-    err = st.find(q("error", NS_CLIENT))
-    if err is None:
-        return None
-    for c in err:
-        if c.tag.startswith("{%s}" % NS_STANZAS) and not c.tag.endswith("}text"):
-            return c.tag.split("}", 1)[1]
-    return None
-
-
 def form(**fields):
     out = ["<x xmlns='jabber:x:data' type='submit'>"
            "<field var='FORM_TYPE' type='hidden'><value>%s</value></field>" % NS_MAM]
@@ -195,13 +102,12 @@ def rsm(max=None, after=None, before=None):
 def query(peer, inner="", expect="result", to=None):
     """Run a MAM query; returns a Page (or the error IQ when expect='error')."""
     qid = uniq("q")
-    peer.n += 1
-    ident = "mamq%d" % peer.n
+    ident = uniq("mamq")
     peer.send("<iq type='set' id='%s'%s><query xmlns='%s' queryid='%s'>%s</query></iq>"
               % (ident, " to='%s'" % to if to else "", NS_MAM, qid, inner))
     items = []
     while True:
-        el = peer.next(lambda e: (e.tag == q("iq", NS_CLIENT) and e.get("id") == ident) or
+        el = peer.wait(lambda e: (e.tag == q("iq", NS_CLIENT) and e.get("id") == ident) or
                        (e.tag == q("message", NS_CLIENT) and e.find(q("result", NS_MAM)) is not None),
                        "MAM query %s" % ident)
         if el.tag == q("iq", NS_CLIENT):
@@ -230,16 +136,7 @@ def stanza_ids(msg):
 
 @pytest.fixture
 def make_peer():
-    made = []
-
-    def make(srv, jid, resource, presence=True):
-        p = Peer(srv, jid, resource, presence)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.close()
+    yield from Peer.factory()
 
 
 @pytest.fixture(params=sorted(MODULE_SETS))
@@ -546,7 +443,7 @@ def test_roster_preference(full_srv, make_peer):
     bob.message(alice.chat(BOB, "to a contact"))
     # a stranger, even one who asked to subscribe (pending, not a roster item)
     mallory.send("<presence type='subscribe' to='%s'/>" % ALICE)
-    alice.next(lambda e: e.tag == q("presence", NS_CLIENT) and e.get("type") == "subscribe",
+    alice.wait(lambda e: e.tag == q("presence", NS_CLIENT) and e.get("type") == "subscribe",
                "mallory's subscription request")
     alice.message(mallory.chat(ALICE, "from a stranger"))
     mallory.message(alice.chat(MALLORY[0], "to a stranger"))
@@ -582,7 +479,7 @@ def test_unacked_message_routed_again_is_archived_once(xmppd_factory, make_peer)
                         extra="smacks = { resume_timeout = 1; };\n", extra_users=[MALLORY])
     alice = make_peer(srv, ALICE, "phone")
     alice.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-    alice.next(lambda e: e.tag == "{urn:xmpp:sm:3}enabled", "<enabled/>")
+    alice.wait(lambda e: e.tag == "{urn:xmpp:sm:3}enabled", "<enabled/>")
     bob = make_peer(srv, BOB, "b")
     first = alice.message(bob.chat(ALICE, "never acknowledged"))
     [(by, sid)] = stanza_ids(first)
@@ -592,7 +489,7 @@ def test_unacked_message_routed_again_is_archived_once(xmppd_factory, make_peer)
     alice.r.sock.close()
     time.sleep(1.8)
     again = make_peer(srv, ALICE, "laptop")
-    m = again.next(lambda e: e.tag == q("message", NS_CLIENT) and
+    m = again.wait(lambda e: e.tag == q("message", NS_CLIENT) and
                    e.findtext(q("body", NS_CLIENT)) == "never acknowledged", "offline copy")
     assert m.find(q("delay", NS_DELAY)) is not None, ET.tostring(m)
     assert stanza_ids(m) == [(ALICE, sid)], ET.tostring(m)

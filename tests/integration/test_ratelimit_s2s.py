@@ -30,13 +30,12 @@ Run: /usr/bin/python3 -m pytest -q tests/integration/test_ratelimit_s2s.py
 
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 
-from federation import XMPPD_RTBL, _wait_ports, free_port
-from xmpp_helpers import MODULE_DIR, XMPPCTL, XMPPD, missing_binaries, port_accepts, uniq
+from federation import XMPPD_RTBL, XmppdPeer
+from xmpp_helpers import uniq
 
 pytest_plugins = ["federation"]
 
@@ -49,88 +48,15 @@ LIMITED = (N - BURST) / RATE          # seconds the limit implies for the flood:
 
 # ------------------------------------------------------------------ xmppd
 
-class RatelimitXmppd:
+class RatelimitXmppd(XmppdPeer):
     """xmppd for xmppd-rtbl.test with mod_ratelimit (settings: `conf`, in which
     @S2S@ stands for the s2s listener's ADDRESS:PORT)."""
 
-    name = "xmppd (ratelimit s2s)"
-
     def __init__(self, fed, conf):
-        self.fed = fed
-        self.domain = DOMAIN
-        self.host = fed.net.addr(DOMAIN)
-        self.c2s_port = free_port(host=self.host)
-        self.starttls_port = self.c2s_port
-        self.s2s_port = fed.net.s2s_port(DOMAIN)
-        self.ca = fed.certs.ca
-        self.dir = fed.root / uniq("xmppd-ratelimit")
-        self.dir.mkdir(parents=True)
-        self.config_path = self.dir / "xmppd.cfg"
-        self.log_path = self.dir / "xmppd.log"
-        self.users = {}
-        self.proc = None
-        self._logf = None
-        c = fed.certs[DOMAIN]
-        self.config_path.write_text(
-            'log_level = "debug";\n'
-            'data_dir = "%s";\n' % (self.dir / "data") +
-            'module_dir = "%s";\n' % MODULE_DIR +
-            'hosts = ( { domain = "%s"; cert = "%s"; key = "%s"; } );\n'
-            % (DOMAIN, c.cert, c.key) +
-            'listeners = ( { stream = "c2s"; address = "%s"; port = %d; tls = "starttls"; },\n'
-            '              { stream = "s2s"; address = "%s"; port = %d; tls = "starttls"; } );\n'
-            % (self.host, self.c2s_port, self.host, self.s2s_port) +
-            'modules = ( "c2s", "roster", "s2s_external", "ratelimit" );\n'
-            's2s_external = { ca_file = "%s"; dns_servers = "%s"; connect_timeout = 5; };\n'
-            % (fed.certs.ca, fed.net.dns_server) +
-            "ratelimit = {\n%s\n};\n"
-            % conf.replace("@S2S@", "%s:%d" % (self.host, self.s2s_port)))
-
-    def jid(self, local):
-        return "%s@%s" % (local, DOMAIN)
-
-    def add_users(self, users):
-        for local, pw in users.items():
-            r = subprocess.run([str(XMPPCTL), "--config", str(self.config_path), "adduser",
-                                self.jid(local), "--password", pw],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stderr
-            self.users[self.jid(local)] = pw
-
-    def start(self):
-        self._logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(XMPPD), "--config", str(self.config_path)],
-                                     stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=self._logf)
-        _wait_ports(self, [(self.host, self.c2s_port), (self.host, self.s2s_port)], 10)
-        return self
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self, timeout=10):
-        """SIGTERM; the exit status ("hung" if it had to be killed).  Idempotent."""
-        if self.proc is None:
-            return None
-        rc = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                rc = "hung"
-        if self._logf:
-            self._logf.close()
-            self._logf = None
-        return rc or self.proc.returncode
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines=150):
-        return "\n".join(self.log().splitlines()[-lines:])
+        s2s = "%s:%d" % (fed.net.addr(DOMAIN), fed.net.s2s_port(DOMAIN))
+        super().__init__(fed, DOMAIN, modules=("c2s", "roster", "s2s_external", "ratelimit"),
+                         extra="ratelimit = {\n%s\n};\n" % conf.replace("@S2S@", s2s),
+                         name="xmppd (ratelimit s2s)")
 
     def stats(self, timeout=5.0):
         """SIGUSR1, then the latest "stats: ratelimit.<name>=<n>" values."""
@@ -153,19 +79,13 @@ def rl_xmppd(federation):
     made = []
 
     def make(conf):
-        if missing_binaries():
-            pytest.fail("xmppd is not built: %s" % missing_binaries(), pytrace=False)
         assert not made or not made[-1].running(), "one xmppd for %s at a time" % DOMAIN
-        if port_accepts(federation.net.addr(DOMAIN), federation.net.s2s_port(DOMAIN), 0.3):
-            pytest.fail("something already serves %s's s2s address" % DOMAIN, pytrace=False)
         srv = RatelimitXmppd(federation, conf)
         made.append(srv)
-        srv.add_users(LOCAL_USERS)
-        federation.attach(srv, DOMAIN, name=srv.name)  # its log in failure reports
-        return srv.start()
+        return srv.launch(LOCAL_USERS)
 
     yield make
-    bad = [(s.dir.name, rc) for s in made for rc in [s.terminate()] if rc != 0]
+    bad = [(s.dir.name, rc) for s in made if s.proc for rc in [s.terminate()] if rc != 0]
     assert not bad, "xmppd exit status after SIGTERM (expected 0): %s\n%s" % (
         bad, made[-1].log_tail(60))
 

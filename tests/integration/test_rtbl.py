@@ -26,9 +26,9 @@ import time
 
 import pytest
 
-from federation import (RTBL, SPAM, XMPPD_RTBL, FedClient, ProsodyPeer, _lua_str, _wait_ports,
-                        free_port)
-from xmpp_helpers import MODULE_DIR, XMPPCTL, XMPPD, missing_binaries, uniq
+from federation import (RTBL, SPAM, XMPPD_RTBL, FedClient, ProsodyPeer, XmppdPeer, _lua_str,
+                        _wait_ports, free_port)
+from xmpp_helpers import XMPPD, uniq
 
 pytest_plugins = ["federation"]
 
@@ -97,109 +97,23 @@ class RtblProsody(ProsodyPeer):
 
 # ------------------------------------------------------------------ xmppd
 
-class RtblXmppd:
+class RtblXmppd(XmppdPeer):
     """xmppd for xmppd-rtbl.test with mod_rtbl subscribed to rtbl.test."""
 
-    name = "xmppd"
-
-    def __init__(self, fed):
-        self.fed = fed
-        self.domain = XMPPD_RTBL
-        self.host = fed.net.addr(XMPPD_RTBL)
-        self.c2s_port = free_port(host=self.host)
-        self.starttls_port = self.c2s_port
-        self.s2s_port = fed.net.s2s_port(XMPPD_RTBL)
-        self.ca = fed.certs.ca
-        self.dir = fed.root / ("xmppd-rtbl-%s" % uniq("r")[2:])
-        self.dir.mkdir(parents=True)
-        self.config_path = self.dir / "xmppd.cfg"
-        self.log_path = self.dir / "xmppd.log"
-        self.users = {}
-        self.proc = None
-        self._logf = None
-        self.write_config()
-
-    def write_config(self, static_routes=()):
-        c = self.fed.certs[XMPPD_RTBL]
-        routes = ", ".join('"%s"' % r for r in static_routes)
-        self.config_path.write_text(
-            'log_level = "debug";\n'
-            'data_dir = "%s";\n' % (self.dir / "data") +
-            'module_dir = "%s";\n' % MODULE_DIR +
-            'hosts = ( { domain = "%s"; cert = "%s"; key = "%s"; } );\n'
-            % (self.domain, c.cert, c.key) +
-            'listeners = ( { stream = "c2s"; address = "%s"; port = %d; tls = "starttls"; },\n'
-            '              { stream = "s2s"; address = "%s"; port = %d; tls = "starttls"; } );\n'
-            % (self.host, self.c2s_port, self.host, self.s2s_port) +
-            'modules = ( "c2s", "roster", "offline", "s2s_external", "rtbl" );\n'
-            's2s_external = { ca_file = "%s"; dns_servers = "%s"; connect_timeout = 5;\n'
-            '                 static_routes = ( %s ); };\n'
-            % (self.fed.certs.ca, self.fed.net.dns_server, routes) +
-            'rtbl = {\n'
-            '    host = "%s";\n' % self.domain +
+    conf = ('rtbl = {\n'
+            '    host = "%s";\n' % XMPPD_RTBL +
             '    lists = ( %s );\n' % ", ".join('"%s"' % x for x in LISTS) +
             '    exempt_roster = true;\n'
             '    resync_interval = 3600;\n'
             '};\n')
 
-    def jid(self, local):
-        return "%s@%s" % (local, self.domain)
+    def __init__(self, fed):
+        super().__init__(fed, XMPPD_RTBL, extra=self.conf,
+                         modules=("c2s", "roster", "offline", "s2s_external", "rtbl"))
 
-    def add_users(self, users):
-        for local, pw in users.items():
-            r = subprocess.run([str(XMPPCTL), "--config", str(self.config_path), "adduser",
-                                self.jid(local), "--password", pw],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stderr
-            self.users[self.jid(local)] = pw
-
-    def start(self):
-        self._logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(XMPPD), "--config", str(self.config_path)],
-                                     stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=self._logf)
-        _wait_ports(self, [(self.host, self.c2s_port), (self.host, self.s2s_port)], 10)
-        return self
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self, timeout=10):
-        """SIGTERM; the exit status (idempotent)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                return "hung"
-        if self._logf:
-            self._logf.close()
-            self._logf = None
-        return self.proc.returncode
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines=150):
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def mark(self):
-        return len(self.log())
-
-    def wait_log(self, pattern, since=0, timeout=10.0, count=1):
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.findall(pattern, self.log()[since:])
-            if len(found) >= count:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError("xmppd never logged %r (x%d) after %.0f s\n--- log ---\n%s"
-                                     % (pattern, count, timeout, self.log_tail(80)))
-            time.sleep(0.05)
+    def write_config(self, static_routes=()):
+        self.static_routes = static_routes
+        super().write_config()
 
 
 # ------------------------------------------------------------------ the environment
@@ -249,17 +163,8 @@ class Env:
         return re.findall(r"<subscription [^>]*>", str(r))
 
 
-def start_xmppd(env_fed):
-    srv = RtblXmppd(env_fed)
-    srv.add_users(LOCAL_USERS)
-    srv.start()
-    return srv
-
-
 @pytest.fixture(scope="module")
 def env(federation, fed_loop):
-    if missing_binaries():
-        pytest.fail("xmppd is not built: %s" % missing_binaries(), pytrace=False)
     prosody = federation.add_peer(RtblProsody(federation), SPAM_USERS)
     xmppd = moderator = None
     try:
@@ -268,8 +173,7 @@ def env(federation, fed_loop):
         e = Env(federation, prosody, None, moderator)
         for node in NODES:       # before xmppd starts: its first sync finds them
             e.create(node)
-        xmppd = start_xmppd(federation)
-        federation.attach(xmppd, XMPPD_RTBL)   # its log in failure reports
+        xmppd = RtblXmppd(federation).launch(LOCAL_USERS)
         e.xmppd = xmppd
         xmppd.wait_log(r"rtbl: %s/\S+: synchronized" % re.escape(RTBL), timeout=20,
                        count=len(NODES))
@@ -322,16 +226,6 @@ def wait_state(sender, receiver, want, t0, limit=BLOCK_WITHIN, what=""):
             return sent - t0
         assert time.monotonic() < deadline, "%s: still %s after %.0f s" % (
             what, "delivered" if want is False else "blocked", deadline - t0)
-
-
-def drain_presences(client):
-    out = []
-
-    async def d():
-        while not client.presences.empty():
-            out.append(client.presences.get_nowait())
-    client.lt.run(d(), 5)
-    return out
 
 
 def error_catcher(client):
@@ -601,7 +495,7 @@ def test_dropped_means_no_offline_storage_no_error_no_subscription(rt, people, f
         for c in (spammer, other):
             c.ping(XMPPD_RTBL, timeout=15)
         alice.ping_server()
-        pres = drain_presences(alice)
+        pres = alice.drain_presences()
     finally:
         # Prosody re-sends a pending request at each login: withdraw both
         for c in (spammer, other):

@@ -7,128 +7,30 @@ spoofed 'from', a stanza before authentication, an unreachable domain.
 Run: /usr/bin/python3 -m pytest -q tests/integration/test_s2s_xmppd.py
 """
 
-import base64
 import queue
 import re
-import signal
 import socket
 import ssl
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from federation import (EVIL, PEER_USERS, UNREACHABLE, XMPPD_A, XMPPD_B, ProsodyPeer,
-                        _wait_ports, free_port)
-from xmpp_helpers import MODULE_DIR, XMPPCTL, XMPPD, missing_binaries, uniq
+from federation import (EVIL, PEER_USERS, UNREACHABLE, XMPPD_A, XMPPD_B, ProsodyPeer, RawS2S,
+                        XmppdPeer)
+from xmpp_helpers import SASL_NS, STREAM_NS, TLS_NS
 
 pytest_plugins = ["federation"]
-
-STREAM_NS = "http://etherx.jabber.org/streams"
-TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
-SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
-
-
-class XmppdPeer:
-    """xmppd serving one federation domain: c2s on its own address, s2s on
-    5269 there, DNS through the federation's dnsmasq."""
-
-    name = "xmppd"
-
-    def __init__(self, fed, domain, connect_timeout=5, tag=""):
-        self.fed, self.domain = fed, domain
-        self.host = fed.net.addr(domain)
-        self.c2s_port = free_port(host=self.host)
-        self.starttls_port = self.c2s_port
-        self.s2s_port = fed.net.s2s_port(domain)
-        self.ca = fed.certs.ca
-        self.dir = fed.root / ("xmppd-%s%s" % (domain, tag))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.dir / "xmppd.cfg"
-        self.log_path = self.dir / "xmppd.log"
-        c = fed.certs[domain]
-        self.config_path.write_text(
-            'log_level = "debug";\n'
-            'data_dir = "%s";\n' % (self.dir / "data") +
-            'module_dir = "%s";\n' % MODULE_DIR +
-            'hosts = ( { domain = "%s"; cert = "%s"; key = "%s"; } );\n' % (domain, c.cert, c.key) +
-            "listeners = ( { stream = \"c2s\"; address = \"%s\"; port = %d; tls = \"starttls\"; },\n"
-            "              { stream = \"s2s\"; address = \"%s\"; port = %d; tls = \"starttls\"; } );\n"
-            % (self.host, self.c2s_port, self.host, self.s2s_port) +
-            'modules = ( "c2s", "roster", "offline", "s2s_external" );\n'
-            's2s_external = { ca_file = "%s"; dns_servers = "%s"; connect_timeout = %d; };\n'
-            % (fed.certs.ca, fed.net.dns_server, connect_timeout))
-        self.users = {}
-        self.proc = None
-
-    def jid(self, local):
-        return "%s@%s" % (local, self.domain)
-
-    def add_users(self, users):
-        for local, pw in users.items():
-            r = subprocess.run([str(XMPPCTL), "--config", str(self.config_path), "adduser",
-                                self.jid(local), "--password", pw],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stderr
-            self.users[self.jid(local)] = pw
-
-    def start(self):
-        self._logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(XMPPD), "--config", str(self.config_path)],
-                                     stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=self._logf)
-        _wait_ports(self, [(self.host, self.c2s_port), (self.host, self.s2s_port)], 10)
-        return self
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines=200):
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def wait_log(self, pattern, timeout=10.0, since=0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.log()[since:]):
-                return True
-            time.sleep(0.1)
-        raise AssertionError("xmppd %s never logged %r\n--- log ---\n%s"
-                             % (self.domain, pattern, self.log_tail(60)))
-
-    def terminate(self, timeout=10):
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-
-def start_xmppd(federation, domain):
-    if missing_binaries():
-        pytest.fail("xmppd is not built: %s" % missing_binaries(), pytrace=False)
-    srv = XmppdPeer(federation, domain)
-    srv.add_users(PEER_USERS)
-    srv.start()
-    ext = federation.attach(srv, domain)
-    ext.name = "xmppd"
-    return srv
 
 
 @pytest.fixture(scope="session")
 def xmppd_a(federation):
-    return start_xmppd(federation, XMPPD_A)
+    return XmppdPeer(federation, XMPPD_A).launch()
 
 
 @pytest.fixture(scope="session")
 def xmppd_b(federation):
-    return start_xmppd(federation, XMPPD_B)
+    return XmppdPeer(federation, XMPPD_B).launch()
 
 
 def converse(fed_clients, here, there, tag):
@@ -223,73 +125,6 @@ def test_self_signed_peer_refused(federation, fed_clients, xmppd_a):
 
 def test_peer_with_certificate_for_another_domain_refused(federation, fed_clients, xmppd_a):
     evil_prosody_message(federation, fed_clients, xmppd_a, "wrong")
-
-
-class RawS2S:
-    """An s2s stream spoken by hand, as evil.test (CA-signed, valid cert)."""
-
-    def __init__(self, federation, target, me=EVIL, cert=None, key=None):
-        self.fed, self.target, self.me = federation, target, me
-        self.cert = cert or federation.certs[me].cert
-        self.key = key or federation.certs[me].key
-        self.sock = socket.create_connection((target.host, target.s2s_port), timeout=10)
-        self.buf = b""
-
-    def send(self, data):
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def expect(self, pattern, timeout=10):
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern, re.S)
-        while True:
-            m = rx.search(self.buf)
-            if m:
-                out, self.buf = self.buf[:m.end()], self.buf[m.end():]
-                return out
-            left = deadline - time.monotonic()
-            assert left > 0, "timed out waiting for %r; got %r" % (pattern, self.buf[-500:])
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except (ssl.SSLError, ConnectionResetError):
-                chunk = b""
-            assert chunk, "closed while waiting for %r; got %r" % (pattern, self.buf[-500:])
-            self.buf += chunk
-
-    def header(self):
-        self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
-                  "xmlns:stream='%s' xmlns:db='jabber:server:dialback' from='%s' to='%s' "
-                  "version='1.0'>" % (STREAM_NS, self.me, self.target.domain))
-        return self.expect(r"</stream:features>|<stream:features/>")
-
-    def starttls(self):
-        self.header()
-        self.send("<starttls xmlns='%s'/>" % TLS_NS)
-        self.expect(r"<proceed[^>]*/>")
-        ctx = ssl.create_default_context(cafile=self.fed.certs.ca)
-        ctx.load_cert_chain(self.cert, self.key)
-        self.sock = ctx.wrap_socket(self.sock, server_hostname=self.target.domain)
-        return self.header()
-
-    def authenticate(self):
-        feats = self.starttls()
-        assert b"EXTERNAL" in feats, feats
-        self.send("<auth xmlns='%s' mechanism='EXTERNAL'>%s</auth>"
-                  % (SASL_NS, base64.b64encode(self.me.encode()).decode()))
-        self.expect(r"<success[^>]*/>|<success[^>]*>.*?</success>")
-        return self.header()
-
-    def expect_stream_error(self, conditions, timeout=10):
-        out = self.expect(r"<stream:error>.*?</stream:error>", timeout)
-        cond = re.search(rb"<([a-z-]+) xmlns=['\"]urn:ietf:params:xml:ns:xmpp-streams", out)
-        assert cond and cond.group(1).decode() in conditions, out
-        return cond.group(1).decode()
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def test_dialback_refused(federation, xmppd_a):
@@ -429,16 +264,11 @@ def xmppd_evil(federation, xmppd_b):
     1 s idle timeout, a 2 s connect timeout and a static route to a black hole."""
     hole = Blackhole(federation.net.addr(EVIL))
     liar = Liar(federation, federation.net.addr(EVIL))
-    srv = XmppdPeer(federation, EVIL, connect_timeout=2, tag="-" + uniq("t"))
+    srv = XmppdPeer(federation, EVIL, connect_timeout=2, s2s_options="idle_timeout = 1;",
+                    static_routes=("blackhole.test=%s:%d" % (federation.net.addr(EVIL), hole.port),
+                                   "liar.test=%s:%d" % (federation.net.addr(EVIL), liar.port)))
     srv.liar = liar
-    text = srv.config_path.read_text().replace(
-        "connect_timeout = 2;",
-        'connect_timeout = 2; idle_timeout = 1; static_routes = ( "blackhole.test=%s:%d", '
-        '"liar.test=%s:%d" );' % (federation.net.addr(EVIL), hole.port,
-                                  federation.net.addr(EVIL), liar.port))
-    srv.config_path.write_text(text)
-    srv.add_users(PEER_USERS)
-    srv.start()
+    srv.launch(attach=False)
     yield srv
     rc = srv.terminate()
     hole.close()

@@ -23,7 +23,8 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from xmpp_helpers import DOMAIN, MALLORY, USERS, XMPPD, RawStream, line_of, uniq
+from xmpp_helpers import (DOMAIN, MALLORY, USERS, XMPPD, StanzaStream, error_condition, line_of,
+                          uniq)
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 MAL = MALLORY[0]
@@ -57,113 +58,22 @@ def q(tag, ns=NS_CLIENT):
 
 # ---------------------------------------------------------------- client streams
 
-class Peer:
-    """A logged-in client stream whose input is parsed into top-level stanzas."""
-
-    def __init__(self, srv, jid, resource, presence=True):
-        self.r = RawStream(srv)
-        self.bare = jid
-        self.full = self.r.login(jid, PASSWORDS[jid], resource)
-        self.parser = ET.XMLPullParser(events=("start", "end"))
-        self.parser.feed(b"<root xmlns='jabber:client'>")
-        self.root = None
-        self.depth = 0
-        self.queue = []
-        self.n = 0
-        self._take()
-        if presence:
-            self.send("<presence/>")
-            self.sync()
-
-    def _take(self):
-        data, self.r.buf = self.r.buf, b""
-        self.parser.feed(data)
-        for ev, el in self.parser.read_events():
-            if ev == "start":
-                self.depth += 1
-                if self.root is None:
-                    self.root = el
-            else:
-                self.depth -= 1
-                if self.depth == 1:
-                    self.queue.append(el)
-                    self.root.remove(el)
-
-    def send(self, xml):
-        self.r.send(xml)
-
-    def next(self, pred, what, timeout=8.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, el in enumerate(self.queue):
-                if pred(el):
-                    return self.queue.pop(i)
-            if self.r.eof:
-                raise AssertionError("%s: stream closed waiting for %s\n%s"
-                                     % (self.full, what, self.r.dump()))
-            try:
-                self.r._recv_some(deadline)
-            except OSError:
-                raise AssertionError("%s: timed out waiting for %s; queue: %s"
-                                     % (self.full, what,
-                                        [ET.tostring(e)[:300] for e in self.queue])) from None
-            self._take()
-
-    def iq(self, payload, itype="set", to=None):
-        self.n += 1
-        ident = "iq%d-%s" % (self.n, uniq())
-        self.send("<iq type='%s' id='%s'%s>%s</iq>"
-                  % (itype, ident, " to='%s'" % to if to else "", payload))
-        return self.next(lambda e: e.tag == q("iq") and e.get("id") == ident,
-                         "IQ reply %s" % ident)
-
-    def sync(self):
-        """Everything the server meant for us before now has arrived (it
-        handles a stream's stanzas in order, and local routing is synchronous)."""
-        r = self.iq("<ping xmlns='urn:xmpp:ping'/>", "get", DOMAIN)
-        assert r.get("type") == "result", ET.tostring(r)
-
-    def chat(self, to, body, ident=None, mtype="chat", extra=""):
-        ident = ident or uniq("m")
-        body_xml = "<body>%s</body>" % body if body is not None else ""
-        self.send("<message to='%s' id='%s' type='%s'>%s%s</message>"
-                  % (to, ident, mtype, body_xml, extra))
-        return ident
-
-    def message(self, ident, what=None, timeout=8.0):
-        return self.next(lambda e: e.tag == q("message") and e.get("id") == ident,
-                         what or "message %s" % ident, timeout)
+class Peer(StanzaStream):
+    passwords = PASSWORDS
 
     def take(self, pred):
-        """After a sync: every queued stanza matching pred (removed)."""
+        """After a sync: every pending stanza matching pred (removed)."""
         self.sync()
-        got = [e for e in self.queue if pred(e)]
-        self.queue = [e for e in self.queue if not pred(e)]
+        got = [e for e in self.pending if pred(e)]
+        self.pending = [e for e in self.pending if not pred(e)]
         return got
-
-    def close(self):
-        try:
-            self.send("</stream:stream>")
-            self.r.read_until_closed(timeout=3)
-        except OSError:
-            pass
-        self.r.close()
 
 
 @pytest.fixture
 def peer():
-    made = []
-
-    def make(srv, jid, resource, presence=True):
-        p = Peer(srv, jid, resource, presence)
-        made.append(p)
-        return p
-
-    yield make
-    # one at a time: several streams closing at the same instant is not what
-    # these tests are about
-    for p in made:
-        p.close()
+    # closed one at a time: several streams closing at the same instant is
+    # not what these tests are about
+    yield from Peer.factory()
 
 
 def start(xmppd_factory, extra="", name="xmppd", modules=MODULES, users=()):
@@ -197,16 +107,6 @@ def delay_of(m):
     d = m.find(q("delay", NS_DELAY))
     assert d is not None, "no <delay/> on a released message: %s" % ET.tostring(m)
     return d
-
-
-def error_condition(st):
-    err = st.find(q("error"))
-    if err is None:
-        return None
-    for c in err:
-        if c.tag.startswith("{%s}" % NS_STANZAS) and not c.tag.endswith("}text"):
-            return c.tag.split("}", 1)[1]
-    return None
 
 
 def error_of(st):
@@ -324,12 +224,11 @@ def run_choice(p, node, jids):
 def mam_messages(p):
     """The user's whole archive: [(from, body)]."""
     qid = uniq("q")
-    p.n += 1
-    ident = "mam%d" % p.n
+    ident = uniq("mam")
     p.send("<iq type='set' id='%s'><query xmlns='%s' queryid='%s'/></iq>" % (ident, NS_MAM, qid))
     out = []
     while True:
-        el = p.next(lambda e: (e.tag == q("iq") and e.get("id") == ident) or
+        el = p.wait(lambda e: (e.tag == q("iq") and e.get("id") == ident) or
                     (e.tag == q("message") and e.find(q("result", NS_MAM)) is not None),
                     "MAM query")
         if el.tag == q("iq"):
@@ -368,7 +267,7 @@ def test_stranger_held_once_noticed_not_archived(srv, peer):
 
     sent = [mal.chat(ALICE, "spam %d" % i) for i in range(3)]
     mal.sync()
-    notice = alice.next(is_notice(MAL), "the notice")
+    notice = alice.wait(is_notice(MAL), "the notice")
     assert notice.get("type") == "normal", ET.tostring(notice)
     body = notice.findtext(q("body"))
     assert "xmpp:%s?roster" % MAL in body and NODE_APPROVE in body, body
@@ -401,7 +300,7 @@ def test_stranger_held_once_noticed_not_archived(srv, peer):
     # accepting releases all six, in order, each with a delay
     roster_add(alice, MAL)
     order = sent + more + [omemo]
-    got = [alice.next(from_(MAL), "released message %d" % i) for i in range(len(order))]
+    got = [alice.wait(from_(MAL), "released message %d" % i) for i in range(len(order))]
     assert [m.get("id") for m in got] == order
     for m in got:
         assert delay_of(m).get("from") == DOMAIN
@@ -430,7 +329,7 @@ def test_offline_recipient_gets_only_the_notice(srv, peer):
     assert held(alice) == {MAL: 2}
     # accepting by asking for mallory's presence (pending out) releases them
     alice.send("<presence type='subscribe' to='%s'/>" % MAL)
-    got = [alice.next(from_(MAL), "released %d" % i).get("id") for i in range(2)]
+    got = [alice.wait(from_(MAL), "released %d" % i).get("id") for i in range(2)]
     assert got == sent
 
 
@@ -444,9 +343,9 @@ def test_accepting_or_denying_a_subscription(srv, peer):
     carol.send("<presence type='subscribe' to='%s'/>" % ALICE)
     carol.chat(ALICE, "carol here")
     carol.sync()
-    alice.next(lambda e: e.tag == q("presence") and e.get("type") == "subscribe" and
+    alice.wait(lambda e: e.tag == q("presence") and e.get("type") == "subscribe" and
                e.get("from") == MAL, "mallory's request")
-    alice.next(is_notice(MAL), "notice for mallory")
+    alice.wait(is_notice(MAL), "notice for mallory")
     # one notice per notice_interval (an hour by default): carol waits for
     # the next one, and the list command has her already
     assert alice.take(is_notice(CAROL[0])) == []
@@ -455,7 +354,7 @@ def test_accepting_or_denying_a_subscription(srv, peer):
     # a pending inbound request alone does not make mallory known
     assert alice.take(from_(MAL)) == []
     alice.send("<presence type='subscribed' to='%s'/>" % MAL)
-    got = [alice.next(from_(MAL), "released %d" % i) for i in range(2)]
+    got = [alice.wait(from_(MAL), "released %d" % i) for i in range(2)]
     assert [m.get("id") for m in got] == sent
     for m in got:
         delay_of(m)
@@ -468,6 +367,27 @@ def test_accepting_or_denying_a_subscription(srv, peer):
     # refused, not returned: an error would tell a spammer the address is read
     assert carol.take(any_message) == []
     assert stats(srv).get("rejected") == 1
+
+
+def test_stranger_withdrawing_its_request_decides_nothing(srv, peer):
+    """A stranger cancelling its own contact request (or removing the user
+    from its roster) is not the user refusing it: what it sent stays held."""
+    alice = peer(srv, ALICE, "a")
+    carol = peer(srv, CAROL[0], "c")
+    carol.send("<presence type='subscribe' to='%s'/>" % ALICE)
+    carol.chat(ALICE, "carol here")
+    carol.sync()
+    alice.sync()
+    assert held(alice) == {CAROL[0]: 1}
+    carol.send("<presence type='unsubscribe' to='%s'/>" % ALICE)
+    carol.sync()
+    alice.sync()
+    assert held(alice) == {CAROL[0]: 1}
+    assert stats(srv).get("rejected", 0) == 0
+    # and the user can still accept them
+    roster_add(alice, CAROL[0])
+    got = alice.wait(from_(CAROL[0]), "released after the withdrawn request")
+    assert got.findtext(q("body")) == "carol here"
 
 
 def test_adhoc_list_fetch_approve_reject(srv, peer):
@@ -499,7 +419,7 @@ def test_adhoc_list_fetch_approve_reject(srv, peer):
 
     note = run_choice(alice, NODE_APPROVE, [CAROL[0]])
     assert "2 held messages delivered" in note, note
-    got = [alice.next(from_(CAROL[0]), "carol's %d" % i) for i in range(2)]
+    got = [alice.wait(from_(CAROL[0]), "carol's %d" % i) for i in range(2)]
     assert [m.get("id") for m in got] == c_sent
     for m in got:
         delay_of(m)
@@ -536,7 +456,7 @@ def test_one_round_trip_submission_and_cancel(srv, peer):
     assert held(alice) == {MAL: 1}
     c = cmd_of(command(alice, NODE_APPROVE, form=submit("jids", [MAL])))
     assert c.get("status") == "completed"
-    assert alice.next(from_(MAL), "released").get("id") == ident
+    assert alice.wait(from_(MAL), "released").get("id") == ident
 
 
 def test_blocking_deletes_held_messages(srv, peer):
@@ -644,7 +564,7 @@ def test_held_messages_survive_kill_9(xmppd_factory, peer):
     assert len(alice.take(is_notice(MAL))) == 1    # stored offline before the kill
     assert held(alice) == {MAL: 3}
     roster_add(alice, MAL)
-    got = [alice.next(from_(MAL), "released %d" % i).get("id") for i in range(3)]
+    got = [alice.wait(from_(MAL), "released %d" % i).get("id") for i in range(3)]
     assert got == sent
 
 
@@ -709,7 +629,7 @@ def test_max_age_expires(xmppd_factory, peer):
     mal = peer(srv, MAL, "m")
     ident = mal.chat(ALICE, "soon gone")
     mal.sync()
-    body = alice.next(is_notice(MAL), "notice").findtext(q("body"))
+    body = alice.wait(is_notice(MAL), "notice").findtext(q("body"))
     assert "do not accept within 1 second are returned to their senders" in body, body
     # RFC 6120 8.3.3.19: not <recipient-unavailable/>, which would tell a
     # stranger whether the user is around
@@ -748,7 +668,7 @@ def test_sweep_works_in_bounded_steps(xmppd_factory, peer):
     mal = peer(srv, MAL, "m")
     sent = [mal.chat(ALICE, "bulk %d" % i) for i in range(150)]
     mal.sync()
-    back = [mal.next(is_error, "returned message %d" % i, timeout=10).get("id")
+    back = [mal.wait(is_error, "returned message %d" % i, timeout=10).get("id")
             for i in range(len(sent))]
     assert sorted(back) == sorted(sent)
     deadline = time.monotonic() + 5
@@ -774,7 +694,7 @@ def test_notice_flood_is_rate_limited(xmppd_factory, peer):
 
     spam[0].chat(ALICE, "buy now")
     spam[0].sync()
-    first = alice.next(server_msg, "the first notice").findtext(q("body"))
+    first = alice.wait(server_msg, "the first notice").findtext(q("body"))
     assert SPAMMERS[0][0] in first and "xmpp:%s?roster" % SPAMMERS[0][0] in first, first
     for s in spam[1:]:
         s.chat(ALICE, "buy now")
@@ -784,7 +704,7 @@ def test_notice_flood_is_rate_limited(xmppd_factory, peer):
     assert alice.take(server_msg) == [], "a second notice within notice_interval"
 
     # when the interval ends: one notice for the seven, five of them named
-    body = alice.next(server_msg, "the batched notice", timeout=6).findtext(q("body"))
+    body = alice.wait(server_msg, "the batched notice", timeout=6).findtext(q("body"))
     named = [jid for jid, _ in SPAMMERS[1:] if jid in body]
     assert len(named) == 5 and "7 senders" in body and "and 2 more" in body, body
     assert SPAMMERS[0][0] not in body and NODE_LIST in body, body
@@ -853,7 +773,7 @@ def test_hostile_commands(srv, peer):
     # a duplicate value counts once
     c = cmd_of(command(alice, NODE_APPROVE, "complete", sid, submit("jids", [MAL, MAL])))
     assert "2 held messages delivered" in c.findtext(q("note", NS_CMD))
-    assert [alice.next(from_(MAL), "released").get("id") for _ in sent] == sent
+    assert [alice.wait(from_(MAL), "released").get("id") for _ in sent] == sent
     assert srv.running()
 
 
@@ -886,7 +806,7 @@ def test_notice_as_subscription_request(xmppd_factory, peer):
     assert [s.get("from") for s in subs] == [MAL], [ET.tostring(s) for s in subs]
     assert alice.take(any_message) == []
     alice.send("<presence type='subscribed' to='%s'/>" % MAL)
-    assert [alice.next(from_(MAL), "released").get("id") for _ in sent] == sent
+    assert [alice.wait(from_(MAL), "released").get("id") for _ in sent] == sent
 
 
 def test_check_config(xmppd_factory):

@@ -1,7 +1,8 @@
 """
 Helpers for the xmppd integration tests: locating the binaries, free ports,
 certificates, a running server, slixmpp clients on a background asyncio
-loop, and a raw (socket + ssl) XML stream for speaking the protocol by hand.
+loop, a raw (socket + ssl) XML stream for speaking the protocol by hand, and
+one (StanzaStream) whose input is parsed into stanzas.
 
 Everything a test starts lives under its own tmp dir and is stopped by the
 fixtures in conftest.py.
@@ -498,13 +499,19 @@ class Client:
                                  % (self.jid, " with body %r" % body if body else "", timeout,
                                     [str(m) for m in self.skipped], self.describe())) from None
 
-    def drain_messages(self):
+    def _drain(self, queue):
         out = []
         async def d():
-            while not self.messages.empty():
-                out.append(self.messages.get_nowait())
+            while not queue.empty():
+                out.append(queue.get_nowait())
         self.lt.run(d(), 5)
         return out
+
+    def drain_messages(self):
+        return self._drain(self.messages)
+
+    def drain_presences(self):
+        return self._drain(self.presences)
 
     def iq(self, to, payload_xml, itype="get", timeout=5.0):
         """Send an IQ; returns the result Iq. Raises slixmpp IqError/IqTimeout."""
@@ -816,3 +823,145 @@ class RawStream:
             self.sock.close()
         except OSError:
             pass
+
+
+
+def error_condition(st):
+    """The defined condition of a parsed (ElementTree) stanza's error; None
+    without one."""
+    err = st.find("{jabber:client}error")
+    if err is None:
+        return None
+    for c in err:
+        if c.tag.startswith("{%s}" % STANZA_ERR_NS) and not c.tag.endswith("}text"):
+            return c.tag.split("}", 1)[1]
+    return None
+
+
+class StanzaStream:
+    """A bound client stream (RawStream r, bound as full) whose input is
+    parsed into top-level elements, stanzas and nonzas (ElementTree, tags as
+    {namespace}name): wait(pred) takes the first that matches, the others
+    stay in `pending`; iq() sends an IQ and returns its reply; sync() returns
+    once everything the server meant for us before now has arrived (it
+    handles a stream's stanzas in order, and local routing is synchronous).
+    login() opens one with a password from `passwords`, factory() is the
+    body of a fixture; subclass to add accounts, checks or a wait_timeout."""
+
+    passwords = dict(USERS, **{MALLORY[0]: MALLORY[1]})
+    wait_timeout = 8.0
+    ROOT = (b"<stream:stream xmlns='jabber:client' "
+            b"xmlns:stream='http://etherx.jabber.org/streams'>")
+
+    def __init__(self, r, full, bare=None):
+        self.r, self.full = r, full
+        self.bare = bare or (full or "").split("/")[0]
+        self.parser = ET.XMLPullParser(events=("start", "end"))
+        self.parser.feed(self.ROOT)
+        self.root = None
+        self.depth = 0
+        self.pending = []      # elements read and not yet taken
+
+    @classmethod
+    def login(cls, server, jid, resource, mech="SCRAM-SHA-256", password=None):
+        """A new stream of jid (bare): STARTTLS, SASL, bind."""
+        r = RawStream(server)
+        return cls(r, r.login(jid, password or cls.passwords[jid], resource, mech=mech))
+
+    @classmethod
+    def factory(cls):
+        """For a fixture to `yield from`: make(server, jid, resource,
+        presence=True) -> a stream, available unless presence=False; all
+        closed at teardown, one at a time."""
+        made = []
+
+        def make(server, jid, resource, presence=True):
+            p = cls.login(server, jid, resource)
+            made.append(p)
+            if presence:
+                p.send("<presence/>")
+                p.sync()
+            return p
+
+        yield make
+        for p in made:
+            p.close()
+
+    def send(self, xml):
+        self.r.send(xml)
+
+    def _pump(self, deadline):
+        """Parse what arrives before deadline; False if nothing did."""
+        if not self.r.buf:
+            try:
+                self.r._recv_some(deadline)
+            except OSError:
+                return False  # timed out
+            if self.r.eof and not self.r.buf:
+                raise StreamClosed("%s: stream closed; transcript:\n%s"
+                                   % (self.full, self.r.dump()))
+        data, self.r.buf = self.r.buf, b""
+        self.parser.feed(data)
+        for ev, el in self.parser.read_events():
+            if ev == "start":
+                self.depth += 1
+                if self.root is None:
+                    self.root = el
+            else:
+                self.depth -= 1
+                if self.depth == 1:
+                    self.pending.append(el)
+                    self.root.remove(el)   # parsed stanzas do not pile up
+        return True
+
+    def wait(self, pred, what, timeout=None):
+        """The first element (read or still to come) for which pred is true;
+        the ones before it stay pending."""
+        deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
+        while True:
+            for i, el in enumerate(self.pending):
+                if pred(el):
+                    return self.pending.pop(i)
+            if time.monotonic() > deadline:
+                raise AssertionError("%s: timed out waiting for %s; pending %s; transcript:\n%s"
+                                     % (self.full, what,
+                                        [ET.tostring(e)[:300] for e in self.pending],
+                                        self.r.dump()))
+            self._pump(deadline)
+
+    def iq(self, payload, itype="set", to=None):
+        """Send an IQ; its reply."""
+        ident = uniq("iq")
+        self.send("<iq type='%s' id='%s'%s>%s</iq>"
+                  % (itype, ident, " to='%s'" % to if to else "", payload))
+        return self.wait(lambda e: e.tag == "{jabber:client}iq" and e.get("id") == ident,
+                         "IQ reply " + ident)
+
+    def sync(self):
+        """A ping round trip with the server."""
+        r = self.iq("<ping xmlns='%s'/>" % PING_NS, "get", DOMAIN)
+        assert r.get("type") == "result", ET.tostring(r)
+
+    def chat(self, to, body, ident=None, mtype="chat", extra=""):
+        """Send a message (no <body/> if body is None); its id."""
+        ident = ident or uniq("m")
+        body_xml = "<body>%s</body>" % body if body is not None else ""
+        self.send("<message to='%s' id='%s' type='%s'>%s%s</message>"
+                  % (to, ident, mtype, body_xml, extra))
+        return ident
+
+    def message(self, ident, what=None, timeout=None):
+        """The message with this id (not one that carries it, like a carbon)."""
+        return self.wait(lambda e: e.tag == "{jabber:client}message" and e.get("id") == ident,
+                         what or "message " + ident, timeout)
+
+    def close(self):
+        """End the stream and wait (bounded) for the server to close it: one
+        stream at a time (several resources of one user dropping at the same
+        instant has crashed the core before)."""
+        try:
+            self.r.send("</stream:stream>")
+            self.r.read_until_closed(timeout=3)
+        except OSError:
+            pass
+        self.r.close()
