@@ -586,8 +586,10 @@ csi_load(xd_module *m)
     cm->max_held = xd_config_int(m, "max_held", 100);
     cm->max_held_bytes = xd_config_int(m, "max_held_bytes", 65536);
     cm->max_delay = xd_config_int(m, "max_delay", 0);
-    if (cm->max_held < 1 || cm->max_held > 10000) {
-        xd_config_error(m, "max_held", "must be 1 to 10000 stanzas");
+    /* The held queue is searched linearly when a newer presence replaces an
+     * older one: kept short on purpose. */
+    if (cm->max_held < 1 || cm->max_held > 1000) {
+        xd_config_error(m, "max_held", "must be 1 to 1000 stanzas");
         free(cm);
         return -1;
     }

@@ -2533,7 +2533,8 @@ strangers_load(xd_module *m)
         int_setting(m, "max_message_size", 65536, 1024, 64LL * 1024 * 1024, &sp->max_size) ||
         int_setting(m, "max_age", 7 * 86400, 0, 10LL * 365 * 86400, &sp->max_age) ||
         int_setting(m, "sweep_interval", 3600, 1, 86400, &sp->sweep_interval) ||
-        int_setting(m, "max_known", 10000, 1, 1000000, &sp->max_known) ||
+        /* making room scans the user's known contacts: keep the list bounded */
+        int_setting(m, "max_known", 10000, 1, 100000, &sp->max_known) ||
         int_setting(m, "notice_interval", 3600, 0, 7 * 86400, &sp->notice_interval))
         goto fail;
     if (sp->max_size > sp->quota_bytes) {

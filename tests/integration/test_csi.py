@@ -439,7 +439,7 @@ def test_max_delay_flushes_by_timer(xmppd_factory, peers):
     assert time.monotonic() - t0 >= 0.8
 
 
-@pytest.mark.parametrize("key,value", [("max_held", 0), ("max_held_bytes", 10),
+@pytest.mark.parametrize("key,value", [("max_held", 0), ("max_held", 1001), ("max_held_bytes", 10),
                                        ("max_delay", -1)])
 def test_bad_settings_refused(xmppd_factory, key, value):
     srv = xmppd_factory(modules=MODULES, extra="csi = { %s = %d; };\n" % (key, value),
