@@ -646,14 +646,16 @@ rebuild_visit(const void *key, size_t klen, const void *val, size_t vlen, void *
  * records predate it, or it is unreadable) it is counted from the records:
  * usually none, one cursor positioning; their senders count as told, as
  * the version that stored them told the user at once.  The caller writes it
- * back with its change.
+ * back with its change.  *existed (if not NULL): it was stored, not counted.
  */
 static int
-meta_load(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um)
+meta_load(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um, int *existed)
 {
     rebuild rb = {sp, txn, prefix, plen, um, 0};
     int r = meta_get(sp, txn, prefix, plen, um);
 
+    if (existed)
+        *existed = r == 0;
     if (r != XD_NOTFOUND)
         return r;
     if (xd_db_foreach(sp->meta, txn, prefix, plen, rebuild_clear, &rb) < 0 || rb.failed ||
@@ -695,7 +697,7 @@ held_remove_gone(strangers *sp, const char *prefix, size_t plen, held_list *l)
 
     if (xd_txn_begin(&txn) != 0)
         return -1;
-    if (meta_load(sp, txn, prefix, plen, &um) != 0)
+    if (meta_load(sp, txn, prefix, plen, &um, NULL) != 0)
         goto fail;
     for (size_t i = 0; i < l->n; i++) {
         held_rec *r = &l->v[i];
@@ -878,9 +880,10 @@ known_state(strangers *sp, const xd_jid *user, const xd_jid *sender, const char 
 
 /* ---- the notice ----------------------------------------------------------------------- */
 
-/* Senders a notice is about: the first NOTICE_NAMED by name. */
+/* Senders a notice is about: all of them, to be marked told once it is
+ * routed; the first NOTICE_NAMED are named in it. */
 typedef struct notice_batch {
-    char *jids[NOTICE_NAMED];
+    char **jids;
     size_t named;
     unsigned long total;
 } notice_batch;
@@ -888,8 +891,9 @@ typedef struct notice_batch {
 static void
 batch_free(notice_batch *nb)
 {
-    for (size_t i = 0; i < nb->named; i++)
+    for (unsigned long i = 0; i < nb->total; i++)
         free(nb->jids[i]);
+    free(nb->jids);
     memset(nb, 0, sizeof(*nb));
 }
 
@@ -911,7 +915,6 @@ notice_wait(const strangers *sp, const user_meta *um, long long now)
 typedef struct untold_scan {
     size_t plen;
     char **jids;
-    unsigned long *counts;
     size_t n, cap;
     int failed;
 } untold_scan;
@@ -926,67 +929,105 @@ untold_visit(const void *key, size_t klen, const void *val, size_t vlen, void *d
     if (u->n == u->cap) {
         size_t nc = u->cap ? 2 * u->cap : 16;
         char **nj = realloc(u->jids, nc * sizeof(*nj));
-        unsigned long *ncnt = nj ? realloc(u->counts, nc * sizeof(*ncnt)) : NULL;
-        if (nj)
-            u->jids = nj;
-        if (!ncnt) {
+        if (!nj) {
             u->failed = 1;
             return 1;
         }
-        u->counts = ncnt;
+        u->jids = nj;
         u->cap = nc;
     }
     if (!(u->jids[u->n] = strndup((const char *)key + u->plen, klen - u->plen))) {
         u->failed = 1;
         return 1;
     }
-    u->counts[u->n++] = (unsigned long)xd_db_get_be(v + 1, 4);
+    u->n++;
     return 0;
 }
 
 /*
- * In txn: the senders the user was not told about go into a notice and are
- * marked told; the notice is sent after the commit.  fresh, when it is the
- * only one (a new stranger while nothing else waits, the usual case), saves
- * the scan of the user's senders.
+ * In txn: the senders the user was not told about, for a notice.  Nothing
+ * is marked here: batch_told does it once the notice is routed.  fresh,
+ * when it is the only one (a new stranger while nothing else waits, the
+ * usual case), saves the scan of the user's senders.
  */
 static int
 batch_take(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, user_meta *um,
-           long long now, const char *fresh, notice_batch *nb)
+           const char *fresh, notice_batch *nb)
 {
-    untold_scan u = {plen, NULL, NULL, 0, 0, 0};
-    int r = 0;
+    untold_scan u = {plen, NULL, 0, 0, 0};
 
     memset(nb, 0, sizeof(*nb));
     if (fresh && um->untold == 1) {
-        if (!(nb->jids[0] = strdup(fresh)) || sender_put(sp, txn, prefix, plen, fresh, 1, 1) != 0) {
-            batch_free(nb);
+        if (!(nb->jids = malloc(sizeof(*nb->jids))) || !(nb->jids[0] = strdup(fresh))) {
+            free(nb->jids);
+            nb->jids = NULL;
             return -1;
         }
-        nb->named = nb->total = 1;
+        nb->total = 1;
     } else {
-        if (xd_db_foreach(sp->meta, txn, prefix, plen, untold_visit, &u) < 0 || u.failed)
-            r = -1;
-        for (size_t i = 0; r == 0 && i < u.n; i++)
-            r = sender_put(sp, txn, prefix, plen, u.jids[i], u.counts[i], 1);
-        for (size_t i = 0; i < u.n; i++) {
-            if (r == 0 && nb->named < NOTICE_NAMED)
-                nb->jids[nb->named++] = u.jids[i];
-            else
+        if (xd_db_foreach(sp->meta, txn, prefix, plen, untold_visit, &u) < 0 || u.failed) {
+            for (size_t i = 0; i < u.n; i++)
                 free(u.jids[i]);
-        }
-        free(u.jids);
-        free(u.counts);
-        if (r != 0) {
-            batch_free(nb);
+            free(u.jids);
             return -1;
         }
+        nb->jids = u.jids;
         nb->total = (unsigned long)u.n;
+        if (!u.n)
+            um->untold = 0; /* the account was wrong: nobody to tell about */
     }
-    um->untold = 0;
-    if (nb->total)
-        um->last_notice = now;
+    nb->named = nb->total < NOTICE_NAMED ? (size_t)nb->total : NOTICE_NAMED;
     return 0;
+}
+
+/*
+ * The notice about nb was routed (and, for a user away, stored by
+ * mod_offline in its own transaction): only now are its senders marked
+ * told, in a transaction of this one's own.  A notice that could not be
+ * built, or a crash before it was routed, leaves them untold, so the next
+ * notice names them; a crash between the routing and this commit names
+ * them again in the next one.  A repeated notice is the side to err on: a
+ * lost one means the user never learns that messages are held.
+ */
+static void
+batch_told(strangers *sp, const char *user_s, const char *prefix, size_t plen,
+           const notice_batch *nb)
+{
+    user_meta um;
+    xd_txn *txn;
+    int r;
+
+    if (xd_txn_begin(&txn) != 0)
+        goto fail;
+    if ((r = meta_get(sp, txn, prefix, plen, &um)) != 0) {
+        xd_txn_abort(txn);
+        if (r == XD_NOTFOUND)
+            return; /* nothing held any more (the account went meanwhile) */
+        goto fail;
+    }
+    for (unsigned long i = 0; i < nb->total; i++) {
+        unsigned long count;
+        int told;
+        if (sender_get(sp, txn, prefix, plen, nb->jids[i], &count, &told) != 0)
+            goto abort;
+        if (!count || told)
+            continue; /* released, rejected or expired meanwhile */
+        if (sender_put(sp, txn, prefix, plen, nb->jids[i], count, 1) != 0)
+            goto abort;
+        um.untold -= um.untold > 0;
+    }
+    um.last_notice = (long long)time(NULL);
+    if (meta_put(sp, txn, prefix, plen, &um) != 0)
+        goto abort;
+    if (xd_txn_commit(txn) == 0)
+        return;
+    goto fail;
+abort:
+    xd_txn_abort(txn);
+fail:
+    xd_error("strangers: %s: could not record a notice as sent; the next one names its senders "
+             "again",
+             user_s);
 }
 
 static void
@@ -1025,23 +1066,27 @@ notice_tail(const strangers *sp, char *buf, size_t len)
     }
 }
 
-static void
+static int
 notice_message(strangers *sp, const char *user, const char *domain, const char *body)
 {
     char id[64];
     xmpp_stanza_t *st;
     snprintf(id, sizeof(id), "strangers-%lx-%lu", (unsigned long)time(NULL), ++sp->notice_seq);
-    st = xmpp_message_new(xd_ctx(), "normal", user, id);
+    if (!(st = xmpp_message_new(xd_ctx(), "normal", user, id)))
+        return -1;
     xmpp_stanza_set_from(st, domain);
     xmpp_stanza_add_child_ex(st, text_el("body", NULL, body), 0);
     /* XEP-0334: worth archiving, whatever the archive's preferences */
     xmpp_stanza_add_child_ex(st, xd_stanza_new("store", NS_HINTS), 0);
     xd_route(st);
     xd_count(sp->m, "notices", 1);
+    return 0;
 }
 
 /*
- * Tell the user about the senders of a batch.
+ * Tell the user about the senders of a batch.  0 when it was routed (or
+ * there is nothing to send), -1 when it could not be built: the caller then
+ * leaves the senders untold.
  *
  * The default is a message of type normal from the server's JID, not a
  * <presence type='subscribe'/> in the stranger's name, although every
@@ -1067,29 +1112,32 @@ notice_message(strangers *sp, const char *user, const char *domain, const char *
  * notice_interval is there to stop.  "none" sends nothing (the commands
  * still list the senders).
  */
-static void
+static int
 notice_send(strangers *sp, const char *user, const char *domain, const notice_batch *nb)
 {
     char tail[512], *body;
     size_t blen, off;
+    int r;
 
     if (sp->notice == NOTICE_NONE || !nb->total || !nb->named)
-        return;
+        return 0;
     notice_tail(sp, tail, sizeof(tail));
     if (nb->total == 1) {
         const char *sender = nb->jids[0];
         if (sp->notice == NOTICE_SUBSCRIBE) {
             xmpp_stanza_t *st = xmpp_presence_new(xd_ctx());
+            if (!st)
+                return -1;
             xmpp_stanza_set_type(st, "subscribe");
             xmpp_stanza_set_from(st, sender);
             xmpp_stanza_set_to(st, user);
             xd_route(st);
             xd_count(sp->m, "notices", 1);
-            return;
+            return 0;
         }
         blen = 4 * strlen(sender) + 2 * strlen(domain) + sizeof(tail) + 1024;
         if (!(body = malloc(blen)))
-            return;
+            return -1;
         snprintf(body, blen,
                  "%s, who is not in your contact list, sent you a message. It is held by the "
                  "server and you will not see it until you accept the sender:\n"
@@ -1100,15 +1148,15 @@ notice_send(strangers *sp, const char *user, const char *domain, const notice_ba
                  "The command \"Read held messages\" shows them without accepting the sender. "
                  "Blocking %s or the command \"Reject held messages\" deletes them.%s",
                  sender, sender, sender, domain, domain, sender, tail);
-        notice_message(sp, user, domain, body);
+        r = notice_message(sp, user, domain, body);
         free(body);
-        return;
+        return r;
     }
     blen = 3 * strlen(domain) + sizeof(tail) + 1024;
     for (size_t i = 0; i < nb->named; i++)
         blen += strlen(nb->jids[i]) + 2;
     if (!(body = malloc(blen)))
-        return;
+        return -1;
     off = (size_t)snprintf(
         body, blen, "%lu senders who are not in your contact list wrote to you: ", nb->total);
     for (size_t i = 0; i < nb->named && off < blen; i++)
@@ -1129,8 +1177,21 @@ notice_send(strangers *sp, const char *user, const char *domain, const notice_ba
                  "messages\" what they wrote. Blocking a sender or the command \"Reject held "
                  "messages\" deletes their messages.%s",
                  domain, domain, domain, tail);
-    notice_message(sp, user, domain, body);
+    r = notice_message(sp, user, domain, body);
     free(body);
+    return r;
+}
+
+/* Send the notice about nb, then mark its senders told (see batch_told). */
+static void
+notice_tell(strangers *sp, const char *user, const char *domain, const char *prefix, size_t plen,
+            const notice_batch *nb)
+{
+    if (notice_send(sp, user, domain, nb) != 0) {
+        xd_error("strangers: %s: could not build a notice; its senders stay untold", user);
+        return;
+    }
+    batch_told(sp, user, prefix, plen, nb);
 }
 
 /* ---- notices that wait for the interval to end ------------------------------------------ */
@@ -1196,7 +1257,7 @@ notice_flush(strangers *sp, const char *user_s)
         pend_arm(sp, user_s, notice_wait(sp, &um, now));
         return;
     }
-    if (batch_take(sp, txn, prefix, plen, &um, now, NULL, &nb) != 0) {
+    if (batch_take(sp, txn, prefix, plen, &um, NULL, &nb) != 0) {
         xd_txn_abort(txn);
         xd_error("strangers: %s: could not take the senders to tell about", user_s);
         return;
@@ -1206,8 +1267,8 @@ notice_flush(strangers *sp, const char *user_s)
         batch_free(&nb);
         return;
     }
-    if (xd_txn_commit(txn) == 0)
-        notice_send(sp, user_s, user.domain, &nb);
+    if (xd_txn_commit(txn) == 0 && nb.total)
+        notice_tell(sp, user_s, user.domain, prefix, plen, &nb);
     batch_free(&nb);
 }
 
@@ -1276,7 +1337,7 @@ hold(strangers *sp, const xd_jid *user, const char *sender, xmpp_stanza_t *st, n
 
     if (xd_txn_begin(&txn) != 0)
         goto out;
-    if (meta_load(sp, txn, prefix, plen, &um) != 0)
+    if (meta_load(sp, txn, prefix, plen, &um, NULL) != 0)
         goto abort;
     while ((long long)um.count + 1 > sp->quota || (long long)(um.bytes + rlen) > sp->quota_bytes) {
         oldest o = {plen, 0, NULL, 0};
@@ -1310,7 +1371,7 @@ hold(strangers *sp, const xd_jid *user, const char *sender, xmpp_stanza_t *st, n
     if (rec_add(sp, txn, prefix, plen, &um, now, sender, rec, rlen, &fresh) != 0)
         goto abort;
     if (um.untold && notice_due(sp, &um, now) &&
-        batch_take(sp, txn, prefix, plen, &um, now, fresh ? sender : NULL, nb) != 0)
+        batch_take(sp, txn, prefix, plen, &um, fresh ? sender : NULL, nb) != 0)
         goto abort;
     if (meta_put(sp, txn, prefix, plen, &um) != 0)
         goto abort;
@@ -1322,7 +1383,7 @@ hold(strangers *sp, const xd_jid *user, const char *sender, xmpp_stanza_t *st, n
     }
     bounce_send(&b);
     ret = HOLD_OK;
-    if (um.untold)
+    if (um.untold && !nb->total)
         *wait = notice_wait(sp, &um, now);
     if (nexp)
         xd_count(sp->m, "expired", nexp);
@@ -1638,7 +1699,7 @@ st_deliver(xd_event *ev, void *data)
     xd_info("strangers: held a message from %s to %s", sender_s, user_s);
     xd_count(sp->m, "held", 1);
     if (nb.total)
-        notice_send(sp, user_s, user.domain, &nb);
+        notice_tell(sp, user_s, user.domain, prefix, plen, &nb);
     else if (wait > 0)
         pend_arm(sp, user_s, wait);
     batch_free(&nb);
@@ -1863,6 +1924,22 @@ sweep_visit(const void *key, size_t klen, const void *val, size_t vlen, void *da
 static void sweep_next(void *data);
 
 /*
+ * The sweep writes back the account of a user whose entries it handled.
+ * An entry left behind by a deleted account (its records purged by the
+ * core, e.g. by xmppctl, which loads no modules and so runs no
+ * XD_HOOK_ACCOUNT_REMOVED of ours) rebuilds an empty account: storing that
+ * would leave a record for a user who no longer exists.
+ */
+static int
+sweep_meta_put(strangers *sp, xd_txn *txn, const char *prefix, size_t plen, const user_meta *um,
+               int existed)
+{
+    if (!existed && !um->count && !um->untold && !um->next_seq)
+        return 0;
+    return meta_put(sp, txn, prefix, plen, um);
+}
+
+/*
  * One sweep step, one transaction: delete up to SWEEP_BATCH expired records
  * (and SWEEP_BATCH_BYTES), each returned to its sender after the commit.
  * When more are waiting, the next step runs SWEEP_STEP seconds later, so
@@ -1874,11 +1951,11 @@ sweep_step(strangers *sp)
     sweep_acc *a = calloc(1, sizeof(*a));
     char prefix[XD_JID_STR_MAX + 1];
     size_t plen = 0, bytes = 0, i;
-    unsigned long nexp = 0;
+    unsigned long nexp = 0, ngone = 0;
     bounce_list b = {0};
     xd_txn *txn = NULL;
     user_meta um;
-    int ok = 1;
+    int ok = 1, existed = 0;
 
     if (!a)
         return;
@@ -1903,13 +1980,13 @@ sweep_step(strangers *sp)
         }
         if (plen != kplen || memcmp(prefix, k + TIME_LEN, plen) != 0) {
             /* the next user: write back the account of the previous one */
-            if ((plen && meta_put(sp, txn, prefix, plen, &um) != 0)) {
+            if (plen && sweep_meta_put(sp, txn, prefix, plen, &um, existed) != 0) {
                 ok = 0;
                 break;
             }
             plen = kplen;
             memcpy(prefix, k + TIME_LEN, plen);
-            if (meta_load(sp, txn, prefix, plen, &um) != 0) {
+            if (meta_load(sp, txn, prefix, plen, &um, &existed) != 0) {
                 plen = 0;
                 ok = 0;
                 break;
@@ -1928,10 +2005,11 @@ sweep_step(strangers *sp)
         } else {
             /* its record is gone (or is another one now): the entry goes */
             ok = xd_db_del(sp->expiry, txn, k, klen) >= 0;
+            ngone += ok;
         }
         free(val);
     }
-    if (ok && plen && meta_put(sp, txn, prefix, plen, &um) != 0)
+    if (ok && plen && sweep_meta_put(sp, txn, prefix, plen, &um, existed) != 0)
         ok = 0;
     if (!ok) {
         xd_txn_abort(txn);
@@ -1946,6 +2024,9 @@ sweep_step(strangers *sp)
         xd_info("strangers: %lu held message(s) expired", nexp);
         xd_count(sp->m, "expired", nexp);
     }
+    if (ngone)
+        xd_info("strangers: dropped %lu expiry index entr%s whose message was gone", ngone,
+                ngone == 1 ? "y" : "ies");
     bounce_send(&b);
     if ((a->more || i < a->n) && !sp->sweep_next)
         sp->sweep_next = xd_timer_start(sp->m, SWEEP_STEP, 0, sweep_next, sp);
