@@ -4,6 +4,7 @@
  * the operator, and the roster query that other modules ask of the roster
  * module.
  */
+#include <arpa/inet.h>
 #include <gnutls/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -281,6 +282,46 @@ int
 xd_roster_relation(const xd_jid *user, const xd_jid *contact)
 {
     return roster.fn ? roster.fn(user, contact, roster.data) : -1;
+}
+
+/* ---- address ranges ------------------------------------------------------------------ */
+
+int
+xd_cidr_parse(const char *s, unsigned char addr[16], int *prefix)
+{
+    char buf[INET6_ADDRSTRLEN + 1];
+    const char *slash = strchr(s, '/');
+    size_t n = slash ? (size_t)(slash - s) : strlen(s);
+    int v4 = 0, bits = -1;
+
+    if (n == 0 || n >= sizeof(buf))
+        return -1;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    memset(addr, 0, 16);
+    if (inet_pton(AF_INET, buf, addr + 12) == 1) {
+        addr[10] = addr[11] = 0xff;
+        v4 = 1;
+    } else if (inet_pton(AF_INET6, buf, addr) != 1)
+        return -1;
+    if (slash) {
+        const char *p = slash + 1;
+        if (!*p || strlen(p) > 3)
+            return -1;
+        for (bits = 0; *p; p++) {
+            if (*p < '0' || *p > '9')
+                return -1;
+            bits = bits * 10 + (*p - '0');
+        }
+        if (bits > (v4 ? 32 : 128))
+            return -1;
+        if (v4)
+            bits += 96;
+    }
+    *prefix = bits < 0 ? 128 : bits;
+    for (int i = *prefix; i < 128; i++)
+        addr[i >> 3] &= (unsigned char)~(0x80 >> (i & 7));
+    return 0;
 }
 
 /* ---- stored stanzas ---------------------------------------------------------------- */

@@ -392,39 +392,6 @@ is_exempt(const rl *r, const unsigned char a[16])
     return 0;
 }
 
-/* "192.0.2.0/24", "2001:db8::/32", or one address.  0 ok, -1. */
-static int
-parse_cidr(const char *s, rl_net *out)
-{
-    char buf[INET6_ADDRSTRLEN + 8], *slash, *end;
-    long prefix = -1;
-    int v4;
-
-    if (strlen(s) >= sizeof(buf))
-        return -1;
-    strcpy(buf, s);
-    if ((slash = strchr(buf, '/'))) {
-        *slash = '\0';
-        if (!slash[1])
-            return -1;
-        prefix = strtol(slash + 1, &end, 10);
-        if (*end || prefix < 0)
-            return -1;
-    }
-    memset(out, 0, sizeof(*out));
-    if (inet_pton(AF_INET, buf, out->addr + 12) == 1) {
-        v4 = 1;
-        out->addr[10] = out->addr[11] = 0xff;
-    } else if (inet_pton(AF_INET6, buf, out->addr) == 1)
-        v4 = 0;
-    else
-        return -1;
-    if (prefix > (v4 ? 32 : 128))
-        return -1;
-    out->prefix = prefix < 0 ? 128 : (int)prefix + (v4 ? 96 : 0);
-    return 0;
-}
-
 /* A listener as the core names it: "192.0.2.1:5222" or "[2001:db8::1]:5222",
  * written canonically (so "::0" and "::" are the same).  0 ok, -1. */
 static int
@@ -1046,7 +1013,7 @@ rl_configure(rl *r)
         return -1;
     for (int i = 0; i < r->nexempt; i++) {
         const char *v = xd_config_list_item(m, "exempt", i);
-        if (parse_cidr(v, &r->exempt[i]) != 0) {
+        if (xd_cidr_parse(v, r->exempt[i].addr, &r->exempt[i].prefix) != 0) {
             xd_config_error(m, "exempt", "'%s' is not an address or ADDRESS/PREFIX network", v);
             return -1;
         }

@@ -382,55 +382,23 @@ typedef struct nkey {
     int v6, bits;
 } nkey;
 
-/* "a.b.c.d", "a.b.c.d/n", "v6", "v6/n"; host bits are cleared. */
+/* An address or range as a key: IPv4 (also written IPv4-mapped) in 4 bytes,
+ * IPv6 in 16; host bits cleared. */
 static int
 parse_cidr(const char *s, nkey *k)
 {
-    char buf[INET6_ADDRSTRLEN + 1];
-    const char *slash = strchr(s, '/');
-    size_t n = slash ? (size_t)(slash - s) : strlen(s);
-    int max, mapped = 0;
     static const unsigned char v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    unsigned char a[16];
+    int bits;
 
-    if (n == 0 || n >= sizeof(buf))
+    if (xd_cidr_parse(s, a, &bits) != 0)
         return -1;
-    memcpy(buf, s, n);
-    buf[n] = '\0';
     memset(k->a, 0, sizeof(k->a));
-    k->v6 = 0;
-    if (inet_pton(AF_INET, buf, k->a) == 1) {
-        max = 32;
-    } else if (inet_pton(AF_INET6, buf, k->a) == 1) {
-        if (!memcmp(k->a, v4mapped, 12)) {
-            memmove(k->a, k->a + 12, 4);
-            memset(k->a + 4, 0, 12);
-            max = 32;
-            mapped = 1;
-        } else {
-            k->v6 = 1;
-            max = 128;
-        }
-    } else
-        return -1;
-    k->bits = max;
-    if (slash) {
-        const char *p = slash + 1;
-        int v = 0;
-        if (!*p || strlen(p) > 3)
-            return -1;
-        for (; *p; p++) {
-            if (*p < '0' || *p > '9')
-                return -1;
-            v = v * 10 + (*p - '0');
-        }
-        if (mapped)
-            v -= 96; /* ::ffff:a.b.c.d/120 is a.b.c.d/24 */
-        if (v < 0 || v > max)
-            return -1;
-        k->bits = v;
-    }
-    for (int i = k->bits; i < max; i++)
-        k->a[i >> 3] &= (unsigned char)~(0x80 >> (i & 7));
+    k->v6 = memcmp(a, v4mapped, 12) != 0;
+    if (!k->v6 && bits < 96)
+        return -1; /* ::ffff:0:0/95 and shorter are not IPv4 ranges */
+    k->bits = k->v6 ? bits : bits - 96;
+    memcpy(k->a, k->v6 ? a : a + 12, k->v6 ? 16 : 4);
     return 0;
 }
 

@@ -315,6 +315,14 @@ void xd_deliver_to_session(xd_session *s, xmpp_stanza_t *st);
 void xd_bounce(xmpp_stanza_t *st, const char *type, const char *condition, const char *text);
 /* Is this domain served here? */
 int xd_is_local_host(const char *domain);
+/*
+ * "address" or "address/prefix", IPv4 or IPv6.  The address comes back in
+ * IPv6 form (IPv4 as ::ffff:a.b.c.d, its prefix plus 96; no prefix means the
+ * one address, 128) with the bits after the prefix cleared.  0 ok, -1 not an
+ * address, or a bad prefix.
+ */
+int xd_cidr_parse(const char *s, unsigned char addr[16], int *prefix);
+
 /* The served domains (prepared), in the config's order. */
 int xd_host_count(void);
 const char *xd_host_name(int i); /* NULL when out of range */
