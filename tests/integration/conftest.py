@@ -11,7 +11,7 @@ import pytest
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 
-from xmpp_helpers import (BUILD_DIR, USERS, ChatPair, Client, LoopThread, Server,
+from xmpp_helpers import (BUILD_DIR, USERS, ChatPair, Client, LoopThread, RawStream, Server,
                           make_certs, missing_binaries)
 
 
@@ -83,6 +83,25 @@ def xmppd_factory(request, tmp_path, certs, built):
 def server(xmppd_factory):
     """A running xmppd with alice@localhost and bob@localhost."""
     return xmppd_factory()
+
+
+@pytest.fixture
+def raw(server):
+    """make(jid=None, resource="raw") -> RawStream to `server` (logged in and
+    bound as jid when given; its full JID in .full).  All closed at teardown.
+    Test files with other needs define their own `raw`."""
+    opened = []
+
+    def make(jid=None, resource="raw"):
+        r = RawStream(server)
+        opened.append(r)
+        if jid:
+            r.full = r.login(jid, USERS[jid], resource)
+        return r
+
+    yield make
+    for r in opened:
+        r.close()
 
 
 @pytest.fixture

@@ -6,25 +6,9 @@ import re
 
 import pytest
 
-from xmpp_helpers import USERS, RawStream
+from xmpp_helpers import USERS
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
-
-
-@pytest.fixture
-def raw(server):
-    opened = []
-
-    def make(jid=None, resource="raw"):
-        r = RawStream(server)
-        opened.append(r)
-        if jid:
-            r.full = r.login(jid, USERS[jid], resource)
-        return r
-
-    yield make
-    for r in opened:
-        r.close()
 
 
 def stanza(r, name, ident, what=None):

@@ -29,22 +29,6 @@ def server(xmppd_factory):
                          extra="smacks = { resume_timeout = %d; };\n" % RESUME_TIMEOUT)
 
 
-@pytest.fixture
-def raw(server):
-    opened = []
-
-    def make(jid=None, resource="raw"):
-        r = RawStream(server)
-        opened.append(r)
-        if jid:
-            r.full = r.login(jid, USERS[jid], resource)
-        return r
-
-    yield make
-    for r in opened:
-        r.close()
-
-
 def attr(xml, name):
     m = re.search(rb"\b%s=[\"']([^\"']*)[\"']" % name.encode(), xml)
     return m.group(1).decode() if m else None
