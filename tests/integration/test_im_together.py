@@ -152,7 +152,7 @@ def test_duplicate_subscribe_delivered_once(srv, raw):
     bob.send("<iq type='get' id='p4' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
     iq_result(bob, "p4")
     alice.send("<iq type='get' id='p5' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-    out = iq_result(alice, "p5")
+    iq_result(alice, "p5")
     seen = alice.transcript_text() if hasattr(alice, "transcript_text") else \
         b"".join(d for who, d in alice.transcript if who == "S")
     assert len(re.findall(rb"type=[\"']subscribe[\"']", seen)) == 1, seen

@@ -376,7 +376,6 @@ def test_check_config(xmppd_factory):
 def test_messages_not_confirmed_by_a_dead_reader_are_kept(server, clients):
     """A client that logs in, stalls and vanishes mid-backlog loses nothing:
     a round is deleted only once the client answered the ping after it."""
-    import re
     import socket
     from xmpp_helpers import RawStream
 

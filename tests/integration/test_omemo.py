@@ -353,7 +353,7 @@ def test_omemo_stream_resumption(xmppd_factory, clients, devices, flavour):
     srv = xmppd_factory(modules=MODULES + ("smacks",),
                         extra="smacks = { resume_timeout = %d; };\n" % RESUME_TIMEOUT)
     laptop = device(clients, devices, srv, flavour, ALICE + "/laptop", 5, "laptop")
-    L = laptop.start()
+    laptop.start()
     bc = clients(srv, BOB + "/desk")
     with_sm(bc)
     bob = OmemoDevice(bc, flavour=flavour, label="desk")

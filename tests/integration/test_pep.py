@@ -15,7 +15,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from xmpp_helpers import MALLORY, USERS, RawStream, uniq
+from xmpp_helpers import MALLORY, USERS, RawStream
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 PUBSUB = "http://jabber.org/protocol/pubsub"
