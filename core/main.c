@@ -1,8 +1,10 @@
 /* xmppd: start-up, signals, shutdown. */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "session.h"
 #include "store.h"
@@ -27,13 +29,12 @@ drain_cb(struct ev_loop *loop, ev_timer *w, int revents)
         ev_break(loop, EVBREAK_ALL);
 }
 
+/* Close the listeners, tell every stream, and let the loop run out. */
 static void
-stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+shut_down(struct ev_loop *loop)
 {
-    (void)revents;
     if (xd_srv.stopping)
         return;
-    xd_info("signal %d: shutting down", w->signum);
     xd_srv.stopping = 1;
     xd_listeners_close();
     xd_sessions_shutdown();
@@ -41,6 +42,23 @@ stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
     ev_timer_init(&drain_w, drain_cb, 0.02, 0.02);
     drain_w.data = (void *)(intptr_t)ev_now(loop);
     ev_timer_start(loop, &drain_w);
+}
+
+static void
+stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)revents;
+    if (!xd_srv.stopping)
+        xd_info("signal %d: shutting down", w->signum);
+    shut_down(loop);
+}
+
+/* Nothing more can be made durable, so nothing more may be acknowledged. */
+static void
+storage_failed(void)
+{
+    xd_error("storage: the log cannot be written to disk; shutting down");
+    shut_down(xd_srv.loop);
 }
 
 static void
@@ -62,6 +80,25 @@ usr1_cb(struct ev_loop *loop, ev_signal *w, int revents)
     (void)w;
     (void)revents;
     xd_stats_log();
+}
+
+/*
+ * Every session is a descriptor: take the hard limit, so the server holds as
+ * many clients as the operator allowed (systemd's LimitNOFILE, ulimit -Hn)
+ * without a wrapper script raising the soft one.
+ */
+static void
+raise_fd_limit(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max)
+        return;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        xd_warn("could not raise the open-file limit: %s", strerror(errno));
+    else
+        xd_debug("open-file limit raised to %llu", (unsigned long long)rl.rlim_cur);
 }
 
 /* Everything but the store and the sockets: shared by --check-config. */
@@ -140,7 +177,9 @@ main(int argc, char **argv)
             printf("%s: ok\n", path);
         return r == 0 ? 0 : 1;
     }
-    if (xd_store_open(xd_srv.conf.data_dir) != 0 || xd_modules_load() != 0 ||
+    raise_fd_limit();
+    if (xd_store_open(xd_srv.conf.data_dir) != 0 ||
+        xd_store_start_flusher(xd_srv.loop, storage_failed) != 0 || xd_modules_load() != 0 ||
         xd_listeners_open() != 0) {
         xd_error("xmppd did not start (see above)");
         xd_listeners_close();
@@ -159,6 +198,8 @@ main(int argc, char **argv)
     xd_info("xmppd %s started with %d module(s)", XD_VERSION, xd_srv.nmodules);
     ev_run(xd_srv.loop, 0);
 
+    /* What waited for the disk goes out to the streams still open. */
+    xd_store_flush();
     /* Whatever is left (a peer that never read its shutdown notice). */
     while (xd_srv.sessions) {
         xd_session *s = xd_srv.sessions;

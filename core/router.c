@@ -497,3 +497,28 @@ xd_route_from(xd_session *s, xmpp_stanza_t *st)
         route(&ev, st);
     xmpp_stanza_release(st);
 }
+
+/* ---- routing after the disk ---------------------------------------------------- */
+
+static void
+route_now(void *st)
+{
+    xd_route(st);
+}
+
+static void
+route_dropped(void *st)
+{
+    xmpp_stanza_release(st);
+}
+
+void
+xd_route_durable(xmpp_stanza_t *st)
+{
+    if (!st)
+        return;
+    if (xd_store_when_durable(xd_store_commits(), route_now, route_dropped, st) != 0) {
+        xd_error("router: out of memory; a stanza waiting for storage was dropped");
+        xmpp_stanza_release(st);
+    }
+}

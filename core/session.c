@@ -9,18 +9,36 @@
 #include <stdio.h>
 #include <strings.h>
 #include <gnutls/x509.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "session.h"
+#include "store.h"
 
-static ev_prepare graveyard_w;
+static ev_prepare graveyard_w, flush_w;
+static ev_timer idle_w;
+/* A stream silent this long gives its XML parser back (xd_xmlstream_idle). */
+#define IDLE_AFTER 10.0
 static xd_session *graveyard;
+static xd_session *to_flush;   /* sessions with output to write this turn */
+static xd_session *to_durable; /* sessions with output waiting for the disk */
+static int durable_armed;      /* a storage waiter will run deferred_cb */
+
+/* A stanza or nonza that may go out only once commit `commit` is on disk. */
+typedef struct xd_deferred {
+    struct xd_deferred *next;
+    uint64_t commit;
+    size_t len;
+    char data[];
+} xd_deferred;
 
 static void session_flush(xd_session *s);
+static void send_close(xd_session *s, const char *condition, const char *text);
 static void connection_lost(xd_session *s);
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void keep_input(xd_session *s);
 static void connect_cb(struct ev_loop *loop, ev_io *w, int revents);
 
 static void
@@ -70,6 +88,7 @@ pause_cb(struct ev_loop *loop, ev_timer *w, int revents)
     /* Input may be waiting in expat or in GnuTLS's buffer, with no socket
      * event to announce it. */
     xd_stream_input(s);
+    keep_input(s);
     if (!s->dead && !s->closing && !s->paused)
         read_cb(loop, &s->rio, EV_READ);
 }
@@ -127,7 +146,7 @@ write_cb(struct ev_loop *loop, ev_io *w, int revents)
     else
         session_flush(s);
     /* A closing stream is done once its last bytes are out. */
-    if (s->closing && !s->dead && s->out_len == 0)
+    if (s->closing && !s->close_waits && !s->dead && s->out_len == 0)
         linger(s);
 }
 
@@ -138,8 +157,15 @@ static int
 session_setup(xd_session *s, void (*write_fn)(struct ev_loop *, ev_io *, int))
 {
     format_peer(s);
-    if (xd_stream_init(s) != 0)
+    if (!s->host)
+        s->host = "";
+    if (s->type == XD_STREAM_S2S && !s->s2s && !(s->s2s = calloc(1, sizeof(*s->s2s))))
         return -1;
+    if (xd_stream_init(s) != 0) {
+        free(s->s2s);
+        s->s2s = NULL;
+        return -1;
+    }
     ev_io_init(&s->rio, read_cb, s->fd, EV_READ);
     ev_io_init(&s->wio, write_fn, s->fd, EV_WRITE);
     s->rio.data = s->wio.data = s;
@@ -213,7 +239,7 @@ tls_setup(xd_session *s)
         }
         if ((r = gnutls_credentials_set(s->tls, GNUTLS_CRD_CERTIFICATE, s->creds->client[host])) <
                 0 ||
-            (r = gnutls_server_name_set(s->tls, GNUTLS_NAME_DNS, s->remote, strlen(s->remote))) <
+            (r = gnutls_server_name_set(s->tls, GNUTLS_NAME_DNS, s->s2s->remote, strlen(s->s2s->remote))) <
                 0)
             goto fail;
     } else {
@@ -300,6 +326,40 @@ sock_read(xd_session *s, char *buf, size_t len)
     return n;
 }
 
+/* One read buffer for every session: an idle client costs none of it. */
+static char read_buf[XD_READ_CHUNK];
+
+static void
+input_free(xd_session *s)
+{
+    free(s->in_own);
+    s->in = s->in_own = NULL;
+    s->in_len = 0;
+}
+
+/*
+ * After parsing: a chunk the stream has not finished with (paused before or
+ * inside it) must outlive the shared buffer; one it is done with is let go.
+ */
+static void
+keep_input(xd_session *s)
+{
+    if (!s->in_pending && !s->suspended) {
+        input_free(s);
+        return;
+    }
+    if (s->in != read_buf)
+        return;
+    if (!(s->in_own = malloc(s->in_len ? s->in_len : 1))) {
+        xd_error("%s: out of memory keeping input", s->peer);
+        s->in = NULL;
+        xd_session_kill(s);
+        return;
+    }
+    memcpy(s->in_own, read_buf, s->in_len);
+    s->in = s->in_own;
+}
+
 static void
 read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -321,7 +381,7 @@ read_cb(struct ev_loop *loop, ev_io *w, int revents)
         if (s->dead || s->closing || s->paused || s->in_pending || s->tls_handshaking ||
             s->tls_start_after_flush)
             return;
-        n = sock_read(s, s->in, sizeof(s->in));
+        n = sock_read(s, read_buf, sizeof(read_buf));
         if (n == -2)
             return;
         if (n <= 0) {
@@ -330,10 +390,14 @@ read_cb(struct ev_loop *loop, ev_io *w, int revents)
             connection_lost(s);
             return;
         }
+        input_free(s);
+        s->last_input = ev_now(loop);
+        s->in = read_buf;
         s->in_len = (size_t)n;
         s->bytes_in += (uint64_t)n;
         s->in_pending = 1;
         xd_stream_input(s);
+        keep_input(s);
     }
 }
 
@@ -371,12 +435,67 @@ session_flush(xd_session *s)
         }
         s->out_off += (size_t)n;
     }
+    /* All written: an idle session keeps no output buffer. */
     s->out_off = s->out_len = 0;
+    free(s->out);
+    s->out = NULL;
+    s->out_cap = 0;
     ev_io_stop(xd_srv.loop, &s->wio);
     if (s->tls_start_after_flush) {
         /* <proceed/> is on the wire: from here on the socket speaks TLS. */
         s->tls_start_after_flush = 0;
         xd_session_start_tls(s);
+    }
+}
+
+/*
+ * Output is written once per loop turn, just before the loop waits: what a
+ * turn sends to one client (a burst of messages, an ack, a presence flood)
+ * goes out in as few TLS records and system calls as possible.
+ */
+static void
+queue_flush(xd_session *s)
+{
+    if (s->flush_queued)
+        return;
+    s->flush_queued = 1;
+    s->flush_prev = NULL;
+    s->flush_next = to_flush;
+    if (to_flush)
+        to_flush->flush_prev = s;
+    to_flush = s;
+}
+
+static void
+unqueue_flush(xd_session *s)
+{
+    if (!s->flush_queued)
+        return;
+    if (s->flush_prev)
+        s->flush_prev->flush_next = s->flush_next;
+    else
+        to_flush = s->flush_next;
+    if (s->flush_next)
+        s->flush_next->flush_prev = s->flush_prev;
+    s->flush_queued = 0;
+    s->flush_next = s->flush_prev = NULL;
+}
+
+static void
+flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    while (to_flush) {
+        xd_session *s = to_flush;
+        unqueue_flush(s);
+        if (s->dead || s->fd < 0 || ev_is_active(&s->wio))
+            continue;
+        session_flush(s);
+        /* A closing stream is done once its last bytes are out. */
+        if (s->closing && !s->close_waits && !s->dead && s->out_len == 0 && !s->tls_handshaking)
+            linger(s);
     }
 }
 
@@ -412,8 +531,145 @@ xd_session_send_raw(xd_session *s, const char *data, size_t len)
     memcpy(s->out + s->out_len, data, len);
     s->out_len += len;
     if (!ev_is_active(&s->wio))
-        session_flush(s);
+        queue_flush(s);
     return 0;
+}
+
+/* ---- output that waits for the disk -------------------------------------------- */
+
+static void arm_durable(void);
+
+static void
+deferred_clear(xd_session *s)
+{
+    while (s->deferred) {
+        xd_deferred *d = s->deferred;
+        s->deferred = d->next;
+        free(d);
+    }
+    s->deferred_tail = NULL;
+    if (!s->durable_waiting)
+        return;
+    if (s->dwait_prev)
+        s->dwait_prev->dwait_next = s->dwait_next;
+    else
+        to_durable = s->dwait_next;
+    if (s->dwait_next)
+        s->dwait_next->dwait_prev = s->dwait_prev;
+    s->durable_waiting = 0;
+    s->dwait_next = s->dwait_prev = NULL;
+}
+
+/* Queue bytes behind what already waits; commit 0: wait only for those. */
+static int
+defer(xd_session *s, const char *data, size_t len, uint64_t commit)
+{
+    xd_deferred *d = malloc(sizeof(*d) + len);
+
+    if (!d) {
+        xd_session_kill(s); /* the ack or result would be lost: end the stream */
+        return -1;
+    }
+    d->next = NULL;
+    d->commit = commit;
+    d->len = len;
+    memcpy(d->data, data, len);
+    if (s->deferred_tail)
+        s->deferred_tail->next = d;
+    else
+        s->deferred = d;
+    s->deferred_tail = d;
+    if (!s->durable_waiting) {
+        s->durable_waiting = 1;
+        s->dwait_prev = NULL;
+        s->dwait_next = to_durable;
+        if (to_durable)
+            to_durable->dwait_prev = s;
+        to_durable = s;
+    }
+    arm_durable();
+    return 0;
+}
+
+/* Write what the disk has caught up with; 1 if some still waits. */
+static int
+release_durable(xd_session *s)
+{
+    while (s->deferred && xd_store_is_durable(s->deferred->commit)) {
+        xd_deferred *d = s->deferred;
+        int r;
+        s->deferred = d->next;
+        if (!s->deferred)
+            s->deferred_tail = NULL;
+        r = xd_session_send_raw(s, d->data, d->len);
+        free(d);
+        if (r != 0) {
+            deferred_clear(s); /* gone: what it never got was never acknowledged */
+            return 0;
+        }
+    }
+    return s->deferred != NULL;
+}
+
+static void
+deferred_cb(void *data)
+{
+    xd_session *next;
+    (void)data;
+
+    durable_armed = 0;
+    for (xd_session *s = to_durable; s; s = next) {
+        next = s->dwait_next;
+        if (release_durable(s))
+            continue;
+        deferred_clear(s);
+        if (s->close_waits && !s->dead) {
+            s->close_waits = 0;
+            send_close(s, s->close_cond, s->close_text);
+        }
+    }
+    arm_durable();
+}
+
+/* One storage waiter for every session: the oldest commit anyone waits for. */
+static void
+arm_durable(void)
+{
+    uint64_t first = UINT64_MAX;
+
+    if (durable_armed || !to_durable)
+        return;
+    for (xd_session *s = to_durable; s; s = s->dwait_next)
+        if (s->deferred && s->deferred->commit < first)
+            first = s->deferred->commit;
+    durable_armed = 1;
+    if (xd_store_when_durable(first, deferred_cb, NULL, NULL) != 0)
+        durable_armed = 0; /* logged; retried at the next defer() */
+}
+
+int
+xd_session_send_durable(xd_session *s, const char *data, size_t len)
+{
+    uint64_t commit = xd_store_commits();
+
+    if (s->dead || s->detached || s->lingering || s->closing)
+        return -1;
+    if (!s->deferred && xd_store_is_durable(commit))
+        return xd_session_send_raw(s, data, len);
+    return defer(s, data, len, commit);
+}
+
+/* An IQ result or error to a client says its request is done: it goes out
+ * only once what the request wrote is durable. */
+static int
+needs_disk(const xd_session *s, xmpp_stanza_t *st)
+{
+    const char *name, *type;
+
+    if (s->type != XD_STREAM_C2S || !(name = xmpp_stanza_get_name(st)) || strcmp(name, "iq"))
+        return 0;
+    type = xmpp_stanza_get_type(st);
+    return type && (!strcmp(type, "result") || !strcmp(type, "error"));
 }
 
 static int
@@ -441,7 +697,7 @@ xd_session_send(xd_session *s, xmpp_stanza_t *st)
         return -1;
     if (s->initiator && !s->authenticated && is_routable(st)) {
         /* Never on an outgoing stream that has not proved its peer. */
-        xd_warn("%s: refusing to send a stanza before %s is authenticated", s->peer, s->remote);
+        xd_warn("%s: refusing to send a stanza before %s is authenticated", s->peer, s->s2s->remote);
         xmpp_stanza_release(st);
         return -1;
     }
@@ -485,7 +741,12 @@ write_stanza(xd_session *s, xmpp_stanza_t *st)
     if (!s->dead && !s->closing) {
         strip_stream_ns(st);
         if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK) {
-            r = xd_session_send_raw(s, buf, len);
+            uint64_t commit = needs_disk(s, st) ? xd_store_commits() : 0;
+            /* In order: behind whatever already waits for the disk. */
+            if (s->deferred || !xd_store_is_durable(commit))
+                r = defer(s, buf, len, commit);
+            else
+                r = xd_session_send_raw(s, buf, len);
             xmpp_free(xd_ctx(), buf);
         }
     }
@@ -513,7 +774,7 @@ drop_connection(xd_session *s)
         close(s->fd);
     s->fd = -1;
     s->out_off = s->out_len = 0;
-    s->in_len = 0;
+    input_free(s);
     s->in_pending = s->suspended = s->paused = 0;
 }
 
@@ -570,6 +831,25 @@ xd_session_close(xd_session *s, const char *condition, const char *text)
         xd_session_kill(s); /* no one to tell */
         return;
     }
+    /* Linger until the output is flushed, but not for ever. */
+    ev_timer_stop(xd_srv.loop, &s->timer);
+    ev_timer_set(&s->timer, 5., 0.);
+    ev_timer_start(xd_srv.loop, &s->timer);
+    if (s->deferred) {
+        /* A result or ack waits for the disk (e.g. the answer to an account
+         * removal): the close goes out after it, as the peer expects. */
+        s->close_waits = 1;
+        s->close_cond = condition ? strdup(condition) : NULL;
+        s->close_text = text ? strdup(text) : NULL;
+        return;
+    }
+    send_close(s, condition, text);
+}
+
+/* The stream error or </stream:stream>, then the lingering close. */
+static void
+send_close(xd_session *s, const char *condition, const char *text)
+{
     if (condition)
         xd_stream_send_error(s, condition, text);
     else {
@@ -577,13 +857,7 @@ xd_session_close(xd_session *s, const char *condition, const char *text)
             xd_stream_send_header(s);
         xd_session_send_raw(s, "</stream:stream>", 16);
     }
-    if (s->dead)
-        return;
-    /* Linger until the output is flushed, but not for ever. */
-    ev_timer_stop(xd_srv.loop, &s->timer);
-    ev_timer_set(&s->timer, 5., 0.);
-    ev_timer_start(xd_srv.loop, &s->timer);
-    if (s->out_len == 0 && !s->tls_handshaking)
+    if (!s->dead && s->out_len == 0 && !s->tls_handshaking)
         linger(s);
 }
 
@@ -612,6 +886,8 @@ void
 xd_session_destroy(xd_session *s)
 {
     xd_router_unbind(s); /* normally done at close; never leave freed keys in the tables */
+    unqueue_flush(s);
+    deferred_clear(s);
     if (s->prev)
         s->prev->next = s->next;
     else
@@ -619,9 +895,10 @@ xd_session_destroy(xd_session *s)
     if (s->next)
         s->next->prev = s->prev;
     xd_srv.nsessions--;
-    for (int i = 0; i < XD_MAX_MODULES; i++)
-        if (s->mdata[i] && s->mfree[i])
-            s->mfree[i](s->mdata[i]);
+    for (int i = 0; i < s->nslots; i++)
+        if (s->mslots[i].data && s->mslots[i].free_fn)
+            s->mslots[i].free_fn(s->mslots[i].data);
+    free(s->mslots);
     if (s->tls) {
         if (s->tls_up)
             gnutls_bye(s->tls, GNUTLS_SHUT_WR); /* best effort, non-blocking */
@@ -634,6 +911,10 @@ xd_session_destroy(xd_session *s)
     if (s->presence)
         xmpp_stanza_release(s->presence);
     free(s->out);
+    free(s->in_own);
+    free(s->close_cond);
+    free(s->close_text);
+    free(s->s2s);
     free(s->full);
     free(s->bare);
     xd_debug("%s: session destroyed", s->peer);
@@ -653,9 +934,36 @@ graveyard_cb(struct ev_loop *loop, ev_prepare *w, int revents)
     }
 }
 
+/* Idle clients are most of a server's sessions: their parsers can go. */
+static void
+idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    double now = ev_now(loop);
+    unsigned freed = 0;
+    (void)w;
+    (void)revents;
+    for (xd_session *s = xd_srv.sessions; s; s = s->next)
+        if (!s->dead && !s->closing && !s->in_pending && !s->suspended && !s->paused &&
+            now - s->last_input >= IDLE_AFTER)
+            freed += (unsigned)xd_xmlstream_idle(s->xs);
+    /* The parsers' pages lie between live sessions' memory: hand the whole
+     * free pages back, or the process keeps them resident. */
+    if (freed) {
+        malloc_trim(0);
+        xd_debug("%u idle stream(s) let their parser go", freed);
+    }
+}
+
 void
 xd_graveyard_init(void)
 {
+    ev_timer_init(&idle_w, idle_cb, IDLE_AFTER, IDLE_AFTER);
+    ev_timer_start(xd_srv.loop, &idle_w);
+    ev_unref(xd_srv.loop);
+    ev_prepare_init(&flush_w, flush_cb);
+    ev_set_priority(&flush_w, EV_MAXPRI); /* before the graveyard frees anyone */
+    ev_prepare_start(xd_srv.loop, &flush_w);
+    ev_unref(xd_srv.loop);
     ev_prepare_init(&graveyard_w, graveyard_cb);
     ev_prepare_start(xd_srv.loop, &graveyard_w);
     ev_unref(xd_srv.loop); /* the graveyard alone does not keep the loop alive */
@@ -775,16 +1083,44 @@ xd_session_presence(const xd_session *s)
 void *
 xd_session_get_data(const xd_session *s, const xd_module *m)
 {
-    return s->mdata[m->index];
+    return m->index < s->nslots ? s->mslots[m->index].data : NULL;
+}
+
+/* Room for n modules' data (one slot per loaded module). 0 ok, -1. */
+static int
+slots_reserve(xd_session *s, int n)
+{
+    struct xd_mslot *v;
+
+    if (n <= s->nslots)
+        return 0;
+    if (n < xd_srv.nmodules)
+        n = xd_srv.nmodules;
+    if (!(v = realloc(s->mslots, (size_t)n * sizeof(*v))))
+        return -1;
+    memset(v + s->nslots, 0, (size_t)(n - s->nslots) * sizeof(*v));
+    s->mslots = v;
+    s->nslots = n;
+    return 0;
 }
 
 void
 xd_session_set_data(xd_session *s, xd_module *m, void *data, void (*free_fn)(void *))
 {
-    if (s->mdata[m->index] && s->mfree[m->index] && s->mdata[m->index] != data)
-        s->mfree[m->index](s->mdata[m->index]);
-    s->mdata[m->index] = data;
-    s->mfree[m->index] = free_fn;
+    struct xd_mslot *slot;
+
+    if (slots_reserve(s, m->index + 1) != 0) {
+        xd_error("%s: out of memory for module data", s->peer);
+        if (data && free_fn)
+            free_fn(data);
+        xd_session_kill(s);
+        return;
+    }
+    slot = &s->mslots[m->index];
+    if (slot->data && slot->free_fn && slot->data != data)
+        slot->free_fn(slot->data);
+    slot->data = data;
+    slot->free_fn = free_fn;
 }
 
 unsigned
@@ -815,6 +1151,8 @@ xd_session_resume(xd_session *s, xd_session *old)
         old->ending || !old->bound || strcmp(s->jid.local, old->jid.local) != 0 ||
         strcmp(s->jid.domain, old->jid.domain) != 0)
         return -1;
+    if (slots_reserve(s, old->nslots) != 0)
+        return -1; /* before anything moves */
     if (!old->detached)
         drop_connection(old); /* the client says that connection is dead */
     /* Identity and presence state. */
@@ -830,14 +1168,11 @@ xd_session_resume(xd_session *s, xd_session *old)
     s->priority = old->priority;
     s->stanzas_in = old->stanzas_in;
     s->resume_timeout = old->resume_timeout;
-    for (int i = 0; i < XD_MAX_MODULES; i++) {
-        if (old->mdata[i]) {
-            void *d = s->mdata[i];
-            void (*f)(void *) = s->mfree[i];
-            s->mdata[i] = old->mdata[i];
-            s->mfree[i] = old->mfree[i];
-            old->mdata[i] = d;
-            old->mfree[i] = f;
+    for (int i = 0; i < old->nslots; i++) {
+        if (old->mslots[i].data) {
+            struct xd_mslot t = s->mslots[i];
+            s->mslots[i] = old->mslots[i];
+            old->mslots[i] = t;
         }
     }
     /* Its place in the routing tables, without unbinding. */
@@ -885,13 +1220,13 @@ xd_session_is_initiator(const xd_session *s)
 const char *
 xd_session_stream_from(const xd_session *s)
 {
-    return s->stream_from;
+    return s->s2s ? s->s2s->stream_from : "";
 }
 
 const char *
 xd_session_peer_domain(const xd_session *s)
 {
-    return s->peer_domain;
+    return s->s2s ? s->s2s->peer_domain : "";
 }
 
 int
@@ -900,17 +1235,17 @@ xd_session_set_peer_authenticated(xd_session *s, const char *domain)
     xd_jid peer;
     xd_event ev = {.session = s, .from = &peer};
 
-    if (!s->tls_up || strcmp(s->verified, domain) != 0) {
+    if (!s->s2s || !s->tls_up || strcmp(s->s2s->verified, domain) != 0) {
         xd_warn("%s: refusing to authenticate %s: its certificate was not verified for it",
                 s->peer, domain);
         return -1;
     }
     memset(&peer, 0, sizeof(peer));
     snprintf(peer.domain, sizeof(peer.domain), "%s", domain);
-    snprintf(s->peer_domain, sizeof(s->peer_domain), "%s", domain);
+    snprintf(s->s2s->peer_domain, sizeof(s->s2s->peer_domain), "%s", domain);
     if (xd_hooks_run(XD_HOOK_S2S_AUTH, &ev) == XD_DROP) {
         xd_info("%s: server %s refused by a module", s->peer, domain);
-        s->peer_domain[0] = '\0';
+        s->s2s->peer_domain[0] = '\0';
         return -1;
     }
     s->authenticated = 1;
@@ -925,13 +1260,13 @@ xd_session_initiator_authenticated(xd_session *s)
 {
     /* Only after our own check of their certificate: a <success/> alone
      * proves nothing. */
-    if (!s->initiator || !s->tls_up || strcmp(s->verified, s->remote) != 0) {
+    if (!s->initiator || !s->s2s || !s->tls_up || strcmp(s->s2s->verified, s->s2s->remote) != 0) {
         xd_warn("%s: %s claimed success before its certificate was verified", s->peer,
-                s->remote);
+                s->s2s->remote);
         xd_session_close(s, "policy-violation", "authentication out of order");
         return;
     }
-    snprintf(s->peer_domain, sizeof(s->peer_domain), "%s", s->remote);
+    snprintf(s->s2s->peer_domain, sizeof(s->s2s->peer_domain), "%s", s->s2s->remote);
     s->authenticated = 1;
     s->restart = XD_RESTART_STREAM;
     ev_timer_stop(xd_srv.loop, &s->timer);
@@ -949,14 +1284,14 @@ connect_cb(struct ev_loop *loop, ev_io *w, int revents)
     if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
         err = errno;
     if (err) {
-        xd_info("%s: connecting to %s failed: %s", s->peer, s->remote, strerror(err));
+        xd_info("%s: connecting to %s failed: %s", s->peer, s->s2s->remote, strerror(err));
         xd_session_kill(s);
         return;
     }
     s->connecting = 0;
     ev_io_init(&s->wio, write_cb, s->fd, EV_WRITE);
     s->wio.data = s;
-    xd_debug("%s: connected to %s for %s", s->peer, s->remote, s->host);
+    xd_debug("%s: connected to %s for %s", s->peer, s->s2s->remote, s->host);
     if (s->direct_tls)
         xd_session_start_tls(s);
     else {
@@ -970,11 +1305,12 @@ xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
                const struct sockaddr *sa, socklen_t len, int direct_tls)
 {
     static const xd_listener outgoing = {.type = XD_STREAM_S2S, .tls = XD_TLS_STARTTLS};
+    const xd_host *host_conf = local_host ? xd_config_host(local_host) : NULL;
     xd_session *s;
     int fd;
     (void)m;
 
-    if (xd_srv.stopping || !xd_is_local_host(local_host) || len > sizeof(struct sockaddr_storage))
+    if (xd_srv.stopping || !host_conf || len > sizeof(struct sockaddr_storage))
         return NULL;
     fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
@@ -996,13 +1332,14 @@ xd_s2s_connect(xd_module *m, const char *local_host, const char *remote_domain,
     s->initiator = s->connecting = 1;
     s->direct_tls = direct_tls != 0;
     memcpy(&s->addr, sa, len);
-    snprintf(s->host, sizeof(s->host), "%s", local_host);
-    snprintf(s->remote, sizeof(s->remote), "%s", remote_domain);
-    if (session_setup(s, connect_cb) != 0) {
+    s->host = host_conf->domain;
+    if (!(s->s2s = calloc(1, sizeof(*s->s2s))) || session_setup(s, connect_cb) != 0) {
         close(fd);
+        free(s->s2s);
         free(s);
         return NULL;
     }
+    snprintf(s->s2s->remote, sizeof(s->s2s->remote), "%s", remote_domain);
     ev_io_start(xd_srv.loop, &s->wio);
     ev_timer_start(xd_srv.loop, &s->timer);
     return s;
@@ -1098,6 +1435,6 @@ xd_session_verify_peer(xd_session *s, const char *domain, char *why, size_t whyl
     if (!ok)
         snprintf(why, whylen, "the certificate does not name %s", domain);
     else
-        snprintf(s->verified, sizeof(s->verified), "%s", domain);
+        snprintf(s->s2s->verified, sizeof(s->s2s->verified), "%s", domain);
     return ok;
 }

@@ -2,6 +2,8 @@
 #ifndef XD_CORE_STORE_H
 #define XD_CORE_STORE_H
 
+#include <ev.h>
+
 #include <xmppd/module.h>
 #include <xmppd/scram.h>
 #include <xmppd/storage.h>
@@ -10,8 +12,14 @@
 int xd_store_open(const char *dir);
 /* Checkpoint and close every table and the environment. Safe to call twice. */
 void xd_store_close(void);
-/* Flush the log to disk (used on shutdown and periodically). */
+/* Group commit from here on (see storage.c); on_failure runs on the loop if
+ * the log can no longer be flushed.  0 ok, -1 (logged). */
+typedef void (*xd_store_fail_fn)(void);
+int xd_store_start_flusher(struct ev_loop *loop, xd_store_fail_fn on_failure);
+/* Flush the log now, on the caller's thread, and run every waiter (shutdown). */
 void xd_store_flush(void);
+/* Log flushes done by the flusher so far (statistics). */
+unsigned long xd_store_flush_count(void);
 /* Delete every record keyed with prefix, in every table (account removal). */
 int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen);
 

@@ -50,7 +50,7 @@ xd_stream_send_header(xd_session *s)
         n = snprintf(buf, sizeof(buf),
                      "<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
                      "xmlns:stream='" NS_STREAMS "' from='%s' to='%s' version='1.0'>",
-                     s->host, s->remote);
+                     s->host, s->s2s->remote);
         s->header_sent = 1;
         if (n > 0 && (size_t)n < sizeof(buf))
             xd_session_send_raw(s, buf, (size_t)n);
@@ -161,14 +161,14 @@ on_open(void *ud, const char **attrs, const char *ns)
         return initiator_open(s, ns, version);
     s->header_received = 1;
     if (s->type == XD_STREAM_S2S &&
-        (!from || xd_jid_prep_domain(s->stream_from, sizeof(s->stream_from), from) != 0))
-        s->stream_from[0] = '\0';
+        (!from || xd_jid_prep_domain(s->s2s->stream_from, sizeof(s->s2s->stream_from), from) != 0))
+        s->s2s->stream_from[0] = '\0';
     new_stream_id(s);
     if (!to || xd_jid_prep_domain(host, sizeof(host), to) != 0 || !xd_is_local_host(host))
         return "host-unknown";
     if ((s->tls_up || s->authenticated) && s->host[0] && strcmp(host, s->host) != 0)
         return "host-unknown"; /* the restarted stream must be for the same host */
-    memcpy(s->host, host, strlen(host) + 1);
+    s->host = xd_config_host(host)->domain; /* a served host: checked above */
     if (!ns || strcmp(ns, content_ns(s)) != 0)
         return "invalid-namespace";
     if (!version || atoi(version) < 1)
@@ -201,13 +201,13 @@ initiator_pre_tls(xd_session *s, xmpp_stanza_t *st, const char *name, const char
             static const char req[] = "<starttls xmlns='" NS_TLS "'/>";
             xd_session_send_raw(s, req, sizeof(req) - 1);
         } else {
-            xd_warn("%s: %s does not offer STARTTLS; abandoning the stream", s->peer, s->remote);
+            xd_warn("%s: %s does not offer STARTTLS; abandoning the stream", s->peer, s->s2s->remote);
             xd_session_close(s, "policy-violation", "STARTTLS is required");
         }
     } else if (ns && !strcmp(name, "proceed") && !strcmp(ns, NS_TLS)) {
         s->restart = XD_RESTART_TLS;
     } else {
-        xd_warn("%s: %s refused STARTTLS (<%s/>)", s->peer, s->remote, name);
+        xd_warn("%s: %s refused STARTTLS (<%s/>)", s->peer, s->s2s->remote, name);
         xd_session_close(s, "policy-violation", "STARTTLS is required");
     }
 }

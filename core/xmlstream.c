@@ -6,6 +6,11 @@
  * entity declarations, comments, processing instructions) is refused; the
  * size of a stanza, the depth of elements and what expat buffers for an
  * unfinished token are bounded.
+ *
+ * An idle stream gives its expat parser back (xd_xmlstream_idle): between
+ * two stanzas a parser holds nothing but the stream header's namespaces, so
+ * the next input gets a fresh parser that is first fed a copy of that
+ * header.  expat's buffers and tables are most of an idle client's memory.
  */
 #include <expat.h>
 #include <stdio.h>
@@ -44,7 +49,18 @@ struct xd_xmlstream {
     size_t hist_len;
     char next_hist[16];               /* what hist becomes at the next feed */
     size_t next_hist_len;
+    char *decls;                      /* the header's namespace declarations */
+    char *header;                     /* the header again, for a fresh parser */
+    long long shift;                  /* parser index minus stream index */
+    int replay;                       /* the parser is reading our copy of the header */
 };
+
+/* Where the parser is, counted in bytes of the stream (not of our copy). */
+static long long
+pos(const xd_xmlstream *x)
+{
+    return XML_GetCurrentByteIndex(x->p) - x->shift;
+}
 
 static void
 fail(xd_xmlstream *x, const char *cond)
@@ -57,7 +73,7 @@ fail(xd_xmlstream *x, const char *cond)
 static int
 over_limit(xd_xmlstream *x)
 {
-    return XML_GetCurrentByteIndex(x->p) - x->mark > (long long)x->max;
+    return pos(x) - x->mark > (long long)x->max;
 }
 
 static int
@@ -139,8 +155,39 @@ set_attributes(xd_xmlstream *x, xmpp_stanza_t *st, const char **attrs)
     return 0;
 }
 
+/* Append text to *buf (a NUL-terminated heap string).  0 ok, -1. */
+static int
+append(char **buf, const char *a, const char *b, const char *c)
+{
+    size_t n = *buf ? strlen(*buf) : 0;
+    size_t add = strlen(a) + strlen(b) + strlen(c);
+    char *p = realloc(*buf, n + add + 1);
+    if (!p)
+        return -1;
+    snprintf(p + n, add + 1, "%s%s%s", a, b, c);
+    *buf = p;
+    return 0;
+}
+
+/* The header as a fresh parser needs it: the element and its namespace
+ * declarations (attributes are the session's business, already read). */
+static int
+keep_header(xd_xmlstream *x, const char *prefix)
+{
+    free(x->header);
+    x->header = NULL;
+    if (append(&x->header, "<", prefix ? prefix : "", prefix ? ":stream" : "stream") != 0 ||
+        append(&x->header, x->decls ? x->decls : "", ">", "") != 0) {
+        free(x->header);
+        x->header = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 static void
-stream_header(xd_xmlstream *x, const char *uri, const char *local, const char **attrs)
+stream_header(xd_xmlstream *x, const char *uri, const char *local, const char *prefix,
+              const char **attrs)
 {
     const char *err;
     if (!uri || strcmp(uri, NS_STREAMS) != 0 || strcmp(local, "stream") != 0) {
@@ -148,7 +195,13 @@ stream_header(xd_xmlstream *x, const char *uri, const char *local, const char **
         return;
     }
     x->depth = 1;
-    x->mark = XML_GetCurrentByteIndex(x->p) + XML_GetCurrentByteCount(x->p);
+    if (x->replay)
+        return; /* our own copy: the session has seen this header */
+    if (keep_header(x, prefix) != 0) {
+        fail(x, "internal-server-error");
+        return;
+    }
+    x->mark = pos(x) + XML_GetCurrentByteCount(x->p);
     if ((err = x->cb->open(x->ud, attrs, x->stream_ns)))
         fail(x, err);
 }
@@ -170,7 +223,7 @@ on_start(void *ud, const char *name, const char **attrs)
     strcpy(buf, name);
     split_name(buf, &uri, &local, &prefix);
     if (x->depth == 0) {
-        stream_header(x, uri, local, attrs);
+        stream_header(x, uri, local, prefix, attrs);
         return;
     }
     if (x->depth > DEPTH_MAX) {
@@ -178,7 +231,7 @@ on_start(void *ud, const char *name, const char **attrs)
         return;
     }
     if (x->depth == 1)
-        x->mark = XML_GetCurrentByteIndex(x->p);
+        x->mark = pos(x);
     else if (over_limit(x)) {
         fail(x, "policy-violation");
         return;
@@ -226,7 +279,7 @@ on_end(void *ud, const char *name)
         return;
     }
     if (--x->depth == 1) {
-        x->consumed = XML_GetCurrentByteIndex(x->p) + XML_GetCurrentByteCount(x->p);
+        x->consumed = pos(x) + XML_GetCurrentByteCount(x->p);
         if (x->consumed - x->mark > (long long)x->max) {
             fail(x, "policy-violation");
             return;
@@ -246,7 +299,7 @@ on_text(void *ud, const char *text, int len)
         return;
     if (x->depth < 2) {
         /* whitespace between stanzas is a keepalive: it starts no stanza */
-        x->mark = XML_GetCurrentByteIndex(x->p) + len;
+        x->mark = pos(x) + len;
         return;
     }
     if (over_limit(x)) {
@@ -269,12 +322,35 @@ on_text(void *ud, const char *text, int len)
     x->text_len += (size_t)len;
 }
 
+/* A declaration on the header: kept (escaped) to replay it later. */
 static void XMLCALL
 on_ns_start(void *ud, const char *prefix, const char *uri)
 {
     xd_xmlstream *x = ud;
-    if (x->depth == 0 && !prefix && uri && !x->stream_ns)
+    char esc[NAME_MAX_LEN * 6 + 1], *o = esc;
+
+    if (x->depth != 0 || x->replay || x->err)
+        return;
+    if (!prefix && uri && !x->stream_ns)
         x->stream_ns = strdup(uri);
+    if (!uri)
+        uri = "";
+    if (strlen(uri) >= NAME_MAX_LEN) {
+        fail(x, "policy-violation");
+        return;
+    }
+    for (; *uri; uri++) {
+        const char *e = *uri == '\'' ? "&apos;" : *uri == '&' ? "&amp;" : *uri == '<' ? "&lt;" : NULL;
+        if (e) {
+            strcpy(o, e);
+            o += strlen(e);
+        } else
+            *o++ = *uri;
+    }
+    *o = '\0';
+    if (append(&x->decls, prefix ? " xmlns:" : " xmlns", prefix ? prefix : "", "='") != 0 ||
+        append(&x->decls, esc, "'", "") != 0)
+        fail(x, "internal-server-error");
 }
 
 static void XMLCALL
@@ -320,18 +396,70 @@ drop_tree(xd_xmlstream *x)
     x->text_len = 0;
 }
 
+static int parser_new(xd_xmlstream *x);
+
 int
 xd_xmlstream_restart(xd_xmlstream *x)
 {
     if (x->p)
         XML_ParserFree(x->p);
+    x->p = NULL;
     drop_tree(x);
     free(x->stream_ns);
-    x->stream_ns = NULL;
+    free(x->decls);
+    free(x->header);
+    x->stream_ns = x->decls = x->header = NULL;
     x->err = NULL;
     x->closed = 0;
-    x->fed = x->chunk_base = x->mark = x->consumed = 0;
+    x->fed = x->chunk_base = x->mark = x->consumed = x->shift = 0;
     x->hist_len = x->next_hist_len = 0;
+    return parser_new(x);
+}
+
+/* Between two stanzas, nothing half-read: the parser can go. */
+int
+xd_xmlstream_idle(xd_xmlstream *x)
+{
+    XML_ParsingStatus st;
+
+    if (!x->p || !x->header || x->depth != 1 || x->ready || x->stack[2] || x->text_len ||
+        x->err || x->closed || x->fed != x->mark)
+        return 0;
+    XML_GetParsingStatus(x->p, &st);
+    if (st.parsing != XML_PARSING)
+        return 0; /* suspended inside the data: the caller still needs it */
+    XML_ParserFree(x->p);
+    x->p = NULL;
+    free(x->text);
+    x->text = NULL;
+    x->text_cap = 0;
+    return 1;
+}
+
+/* A fresh parser for an idle stream: it reads our copy of the header first,
+ * and its byte index is shifted so the stream's own count goes on. */
+static int
+wake(xd_xmlstream *x)
+{
+    size_t n = strlen(x->header);
+
+    if (parser_new(x) != 0)
+        return -1;
+    x->replay = 1;
+    x->depth = 0;
+    if (XML_Parse(x->p, x->header, (int)n, 0) != XML_STATUS_OK || x->depth != 1) {
+        x->replay = 0;
+        x->err = "internal-server-error";
+        return -1;
+    }
+    x->replay = 0;
+    x->shift = (long long)n - x->chunk_base; /* chunk_base: where this feed starts */
+    return 0;
+}
+
+static int
+parser_new(xd_xmlstream *x)
+{
     x->p = XML_ParserCreateNS("UTF-8", SEP);
     if (!x->p)
         return -1;
@@ -381,6 +509,8 @@ xd_xmlstream_free(xd_xmlstream *x)
     drop_tree(x);
     free(x->text);
     free(x->stream_ns);
+    free(x->decls);
+    free(x->header);
     free(x);
 }
 
@@ -412,7 +542,7 @@ byte_at(const xd_xmlstream *x, long long i)
 static const char *
 classify_error(xd_xmlstream *x)
 {
-    long long at = XML_GetCurrentByteIndex(x->p);
+    long long at = pos(x);
     if (XML_GetErrorCode(x->p) == XML_ERROR_UNBOUND_PREFIX)
         return "bad-namespace-prefix";
     /* expat points at or just past the "<!" of a markup declaration */
@@ -489,6 +619,8 @@ xd_xmlstream_feed(xd_xmlstream *x, const char *data, size_t len, size_t *used)
     x->fed += (long long)len;
     x->chunk = data;
     x->chunk_len = len;
+    if (!x->p && wake(x) != 0)
+        return XD_XS_ERROR;
     r = run(x, XML_Parse(x->p, data, (int)len, 0), used);
     return r;
 }
@@ -497,5 +629,7 @@ int
 xd_xmlstream_resume(xd_xmlstream *x, size_t *used)
 {
     size_t dummy;
+    if (!x->p)
+        return XD_XS_ERROR; /* never idle while suspended */
     return run(x, XML_ResumeParser(x->p), used ? used : &dummy);
 }

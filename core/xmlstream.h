@@ -44,6 +44,9 @@ void xd_xmlstream_set_max(xd_xmlstream *x, size_t bytes);
  */
 int xd_xmlstream_feed(xd_xmlstream *x, const char *data, size_t len, size_t *used);
 int xd_xmlstream_resume(xd_xmlstream *x, size_t *used);
+/* Free the parser of a stream that sits between two stanzas (it comes back
+ * by itself with the next input).  1 freed, 0 not now (mid-stanza). */
+int xd_xmlstream_idle(xd_xmlstream *x);
 const char *xd_xmlstream_error(const xd_xmlstream *x);
 
 #endif

@@ -130,14 +130,14 @@ sasl_fail(xd_session *s, c2s_conf *c, sasl_state *st, const char *cond)
         xd_session_pause(s, c->failure_delay_ms * (unsigned)st->attempts);
 }
 
+/* st is freed: a logged-in session keeps nothing of its SASL exchange. */
 static void
-sasl_succeed(xd_session *s, sasl_state *st, const char *extra, size_t len)
+sasl_succeed(xd_session *s, c2s_conf *c, sasl_state *st, const char *extra, size_t len)
 {
     xd_info("%s: authenticated as %s@%s", xd_session_peer(s), st->user, xd_session_host(s));
     sasl_send(s, "success", (const unsigned char *)extra, len);
-    xd_scram_server_free(st->scram);
-    st->scram = NULL;
     xd_session_set_authenticated(s, st->user);
+    xd_session_set_data(s, c->m, NULL, NULL);
 }
 
 /* The element's text, base64-decoded and NUL-terminated; "=" is the
@@ -225,7 +225,7 @@ plain_auth(xd_session *s, c2s_conf *c, sasl_state *st, const unsigned char *msg,
     /* pw runs to the end of the message, which sasl_payload NUL-terminated */
     ok = xd_account_check_password(&j, pw);
     if (ok == 1)
-        sasl_succeed(s, st, NULL, 0);
+        sasl_succeed(s, c, st, NULL, 0);
     else
         sasl_fail(s, c, st, ok < 0 ? "temporary-auth-failure" : "not-authorized");
 }
@@ -298,7 +298,7 @@ scram_final(xd_session *s, c2s_conf *c, sasl_state *st, const unsigned char *msg
         sasl_fail(s, c, st, st->known ? (err ? err : "not-authorized") : "not-authorized");
         return;
     }
-    sasl_succeed(s, st, out, out_len);
+    sasl_succeed(s, c, st, out, out_len);
     free(out);
 }
 

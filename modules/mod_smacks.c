@@ -18,7 +18,10 @@
  *    user's other resources), and the stanza-id it carries is the server's.
  *
  * Outgoing stanzas are seen through XD_HOOK_STANZA_OUT (a copy is queued);
- * incoming ones are counted by the core (xd_session_stanzas_in).
+ * incoming ones are counted by the core (xd_session_stanzas_in).  An <a/>
+ * (and the h of <resumed/>) says the server has taken responsibility for
+ * those stanzas, so it is written only once everything they caused to be
+ * stored is durable (xd_session_send_durable): a crash after it loses none.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -126,16 +129,27 @@ new_id(sm_mod *sm, char *out, size_t len)
     }
 }
 
+/* durable: the nonza acknowledges stanzas (<a/>, <resumed/>), so it waits
+ * until what they stored is on disk. */
 static void
-send_nonza(xd_session *s, xmpp_stanza_t *el)
+write_nonza(xd_session *s, xmpp_stanza_t *el, int durable)
 {
     char *buf = NULL;
     size_t len = 0;
     if (xmpp_stanza_to_text(el, &buf, &len) == XMPP_EOK) {
-        xd_session_send_raw(s, buf, len);
+        if (durable)
+            xd_session_send_durable(s, buf, len);
+        else
+            xd_session_send_raw(s, buf, len);
         xmpp_free(xd_ctx(), buf);
     }
     xmpp_stanza_release(el);
+}
+
+static void
+send_nonza(xd_session *s, xmpp_stanza_t *el)
+{
+    write_nonza(s, el, 0);
 }
 
 static void
@@ -375,7 +389,7 @@ do_resume(sm_mod *sm, xd_session *s, xmpp_stanza_t *el)
     snprintf(hbuf, sizeof(hbuf), "%u", (unsigned)h_old);
     xmpp_stanza_set_attribute(ok, "previd", st->id);
     xmpp_stanza_set_attribute(ok, "h", hbuf);
-    send_nonza(s, ok);
+    write_nonza(s, ok, 1); /* what follows it waits behind it */
 
     /* Send again, in order, what was not acknowledged; the STANZA_OUT hook
      * queues and counts each one afresh from h. */
@@ -419,7 +433,7 @@ sm_element(xd_session *s, xmpp_stanza_t *el, void *data)
         char buf[16];
         snprintf(buf, sizeof(buf), "%u", (unsigned)h_in(st));
         xmpp_stanza_set_attribute(a, "h", buf);
-        send_nonza(s, a);
+        write_nonza(s, a, 1); /* "handled" means stored: after the disk */
         return XD_HANDLED;
     }
     if (!strcmp(name, "a")) {

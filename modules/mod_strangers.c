@@ -1078,7 +1078,7 @@ notice_message(strangers *sp, const char *user, const char *domain, const char *
     xmpp_stanza_add_child_ex(st, text_el("body", NULL, body), 0);
     /* XEP-0334: worth archiving, whatever the archive's preferences */
     xmpp_stanza_add_child_ex(st, xd_stanza_new("store", NS_HINTS), 0);
-    xd_route(st);
+    xd_route_durable(st); /* it speaks of held messages: only once they are on disk */
     xd_count(sp->m, "notices", 1);
     return 0;
 }
@@ -1131,7 +1131,7 @@ notice_send(strangers *sp, const char *user, const char *domain, const notice_ba
             xmpp_stanza_set_type(st, "subscribe");
             xmpp_stanza_set_from(st, sender);
             xmpp_stanza_set_to(st, user);
-            xd_route(st);
+            xd_route_durable(st);
             xd_count(sp->m, "notices", 1);
             return 0;
         }

@@ -199,9 +199,17 @@ const char *xd_session_peer(const xd_session *s);   /* "ip:port", for logs */
 const struct sockaddr *xd_session_addr(const xd_session *s);
 /* TLS channel binding data (tls-exporter / tls-unique), for SCRAM-PLUS later. */
 
-/* Send a stanza on this stream; takes ownership. 0 ok, -1 (stream closed). */
+/*
+ * Send a stanza on this stream; takes ownership. 0 ok, -1 (stream closed).
+ * Output is written at the end of the loop turn.  An IQ result or error to
+ * a client waits until everything committed so far is durable (storage.h),
+ * and whatever is sent to that client after it waits behind it, in order.
+ */
 int xd_session_send(xd_session *s, xmpp_stanza_t *st);
 int xd_session_send_raw(xd_session *s, const char *data, size_t len);
+/* Raw bytes that acknowledge something (a XEP-0198 <a/>): written once every
+ * commit made so far is durable.  Dropped if the stream ends first. */
+int xd_session_send_durable(xd_session *s, const char *data, size_t len);
 /* Close with a stream error (condition from RFC 6120 4.9.3, or NULL for a clean close). */
 void xd_session_close(xd_session *s, const char *condition, const char *text);
 
@@ -306,6 +314,9 @@ xmpp_ctx_t *xd_ctx(void);
 void xd_route(xmpp_stanza_t *st);
 /* The same with XD_EVENT_* flags for the routing hooks (XD_EVENT_REROUTED). */
 void xd_route_flags(xmpp_stanza_t *st, unsigned flags);
+/* Route st (taken) once every commit made so far is durable: for a stanza
+ * that tells someone their stanza was stored (a notice, a receipt). */
+void xd_route_durable(xmpp_stanza_t *st);
 /* Deliver to one session after hooks and routing decided; takes ownership. */
 void xd_deliver_to_session(xd_session *s, xmpp_stanza_t *st);
 /*

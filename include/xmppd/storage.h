@@ -2,11 +2,19 @@
  * Storage: one Berkeley DB transactional environment in data_dir, seen by
  * modules as named key/value tables with transactions.  Keys and values are
  * opaque bytes.  Functions return 0 ok, XD_NOTFOUND, or -1 (logged).
+ *
+ * Durability is grouped: in the server a commit returns before its data is
+ * on disk, and a thread flushes the log for many commits at once.  Whatever
+ * tells someone that the server has taken responsibility for something (an
+ * ack, a result, a notice) waits for the commits it depends on with
+ * xd_store_when_durable(), or goes through xd_session_send_durable() /
+ * xd_route_durable() (module.h), which do that.
  */
 #ifndef XMPPD_STORAGE_H
 #define XMPPD_STORAGE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <xmppd/jid.h>
 
@@ -23,8 +31,20 @@ typedef struct xd_txn xd_txn; /* a transaction; NULL means autocommit */
 xd_db *xd_db_open(const char *name);
 
 int xd_txn_begin(xd_txn **txn);
-int xd_txn_commit(xd_txn *txn);  /* durable when it returns 0 */
+int xd_txn_commit(xd_txn *txn);  /* committed; durable once xd_store_is_durable() says so */
 void xd_txn_abort(xd_txn *txn);
+
+/* The number of the newest write commit (transactions and writes without
+ * one); numbers only grow. */
+uint64_t xd_store_commits(void);
+/* 1 once that commit, and every one before it, is on disk. */
+int xd_store_is_durable(uint64_t commit);
+/* fn(data) runs on the server's loop once `commit` is durable: at once if it
+ * already is.  Waiters run in the order they were added.  If the store
+ * closes first, drop(data) runs instead (when not NULL).  -1: out of memory,
+ * nothing will run. */
+typedef void (*xd_durable_fn)(void *data);
+int xd_store_when_durable(uint64_t commit, xd_durable_fn fn, xd_durable_fn drop, void *data);
 
 /* *val is malloc'd (caller frees), with a NUL after the bytes for convenience. */
 int xd_db_get(xd_db *db, xd_txn *txn, const void *key, size_t klen, void **val, size_t *vlen);

@@ -54,7 +54,7 @@ def close_cleanly(r):
 def stanza(r, name, ident, what=None):
     """Read up to and including the <name/> stanza whose id is ident; returns
     every byte read, so what arrived before it can be inspected too."""
-    return r.expect(re.compile(rb"<%s\b[^>]*\bid=[\"']%s[\"'][^>]*(?:/>|>.*?</%s>)"
+    return r.expect(re.compile(rb"<%s\b[^>]*\bid=[\"']%s[\"'][^>]*?(?:/>|(?<!/)>.*?</%s>)"
                                % (name.encode(), re.escape(ident).encode(), name.encode()),
                                re.S),
                     what=what or "%s id=%s" % (name, ident))

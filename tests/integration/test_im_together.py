@@ -39,7 +39,7 @@ def raw(srv):
 
 
 def iq_result(r, ident):
-    out = r.expect(re.compile(rb"<iq\b[^>]*id=[\"']%s[\"'][^>]*(?:/>|>.*?</iq>)" % ident.encode(),
+    out = r.expect(re.compile(rb"<iq\b[^>]*id=[\"']%s[\"'][^>]*?(?:/>|(?<!/)>.*?</iq>)" % ident.encode(),
                               re.S))
     assert re.search(rb"type=[\"']result[\"']", out), out
     return out

@@ -72,7 +72,7 @@ class Pinger:
         self.r.send("<iq type='get' id='%s' to='%s'><ping xmlns='urn:xmpp:ping'/></iq>"
                     % (ident, to))
         return self.r.expect(re.compile(
-            rb"<iq\b[^>]*\bid=[\"']%s[\"'][^>]*(?:/>|>.*?</iq>)" % ident.encode(), re.S),
+            rb"<iq\b[^>]*\bid=[\"']%s[\"'][^>]*?(?:/>|(?<!/)>.*?</iq>)" % ident.encode(), re.S),
             what="reply to the ping to %s" % to)
 
     def outcome(self, to):

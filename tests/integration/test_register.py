@@ -30,7 +30,7 @@ def streams():
 
 
 def stanza(r, name, ident, what=None):
-    out = r.expect(re.compile(rb"<%s\b[^>]*\bid=[\"']%s[\"'][^>]*(?:/>|>.*?</%s>)"
+    out = r.expect(re.compile(rb"<%s\b[^>]*\bid=[\"']%s[\"'][^>]*?(?:/>|(?<!/)>.*?</%s>)"
                               % (name.encode(), re.escape(ident).encode(), name.encode()),
                               re.S),
                    what=what or "%s id=%s" % (name, ident))

@@ -13,7 +13,7 @@ ALICE, BOB = "alice@localhost", "bob@localhost"
 
 def stanza(r, name, ident, what=None):
     """Read the <name .../> stanza whose id is ident."""
-    return r.expect(re.compile(rb"<%s\b[^>]*\bid=[\"']%s[\"'][^>]*(?:/>|>.*?</%s>)"
+    return r.expect(re.compile(rb"<%s\b[^>]*\bid=[\"']%s[\"'][^>]*?(?:/>|(?<!/)>.*?</%s>)"
                                % (name.encode(), ident.encode(), name.encode()), re.S),
                     what=what or "%s id=%s" % (name, ident))
 

@@ -313,6 +313,78 @@ static void test_whole_stream(void **state)
     }
 }
 
+/* ---- an idle stream gives its parser back ------------------------------------------ */
+
+/* Chunked as in (c) above, with xd_xmlstream_idle() after every chunk: the
+ * events are the same, the parser was dropped between stanzas (and only
+ * there), and the stream's byte accounting goes on across the gaps. */
+static void test_idle_parser(void **state)
+{
+    fx *f = *state;
+    size_t len = sizeof(WHOLE) - 1;
+    rec *ref = &f->ref;
+
+    assert_int_equal(feed_chunk(f->x, WHOLE, len), XD_XS_CLOSED);
+    *ref = f->r;
+    memset(&f->r, 0, sizeof(f->r));
+    f->r.ctx = f->ctx;
+
+    int rounds_dropped = 0;
+    rng_state = 0x243F6A8885A308D3ULL;
+    for (int round = 0; round < 200; round++) {
+        size_t off = 0;
+        int r = XD_XS_DONE, dropped = 0;
+        fresh(f);
+        while (off < len && r == XD_XS_DONE) {
+            size_t n = 1 + rnd() % (round % 2 ? 9 : 120);
+            if (n > len - off)
+                n = len - off;
+            r = feed_chunk(f->x, WHOLE + off, n);
+            off += n;
+            dropped += r == XD_XS_DONE && xd_xmlstream_idle(f->x);
+        }
+        if (r != XD_XS_CLOSED || off != len)
+            fail_msg("idle round %d: status %d after %zu of %zu bytes", round, r, off, len);
+        expect_same(ref, &f->r);
+        rounds_dropped += dropped > 0;
+    }
+    /* chunks end between two stanzas often enough to exercise the comeback */
+    assert_true(rounds_dropped > 100);
+
+    /* a prefix declared on the header still works after the parser came back */
+    fresh(f);
+    assert_int_equal(feed_str(f->x, "<s:stream xmlns:s='http://etherx.jabber.org/streams' "
+                                     "xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+                                     "xmlns:q='urn:x:&apos;&amp;'>"),
+                     XD_XS_DONE);
+    assert_int_equal(xd_xmlstream_idle(f->x), 1);
+    assert_int_equal(xd_xmlstream_idle(f->x), 0); /* already gone */
+    assert_int_equal(feed_str(f->x, "<db:result to='a' from='b'/><q:x/>"), XD_XS_DONE);
+    assert_int_equal(f->r.nopen, 1);
+    assert_int_equal(f->r.nel, 2);
+    assert_non_null(strstr(f->r.ev[1], "jabber:server:dialback"));
+    assert_non_null(strstr(f->r.ev[2], "urn:x:'&amp;"));
+    /* not inside a stanza: the parser holds half of it */
+    assert_int_equal(feed_str(f->x, "<message><bo"), XD_XS_DONE);
+    assert_int_equal(xd_xmlstream_idle(f->x), 0);
+    assert_int_equal(feed_str(f->x, "dy>x</body></message>"), XD_XS_DONE);
+    assert_int_equal(f->r.nel, 3);
+
+    /* the size limit counts the stream's bytes, not the replayed header */
+    fresh(f);
+    xd_xmlstream_set_max(f->x, 4096);
+    assert_int_equal(feed_str(f->x, HDR), XD_XS_DONE);
+    assert_int_equal(xd_xmlstream_idle(f->x), 1);
+    {
+        char *big = keep(f, 0, malloc(5000));
+        memset(big, 'a', 4999);
+        big[4999] = '\0';
+        memcpy(big, "<message><body>", 15);
+        assert_int_equal(feed_str(f->x, big), XD_XS_ERROR);
+        assert_string_equal(xd_xmlstream_error(f->x), "policy-violation");
+    }
+}
+
 /* ---- the open callback ------------------------------------------------------------ */
 
 static void test_open_callback(void **state)
@@ -860,6 +932,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_whole_stream, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_parser, setup, teardown),
         cmocka_unit_test_setup_teardown(test_open_callback, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_resume, setup, teardown),
         cmocka_unit_test_setup_teardown(test_restart_same_chunk, setup, teardown),
