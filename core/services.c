@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "server.h"
+#include "store.h"
 #include "xmlstream.h"
 
 /* ---- IQs sent by the server ------------------------------------------------ */
@@ -251,6 +252,8 @@ xd_count(xd_module *m, const char *name, unsigned long n)
 void
 xd_stats_log(void)
 {
+    xd_info("stats: storage.commits=%llu", (unsigned long long)xd_store_commits());
+    xd_info("stats: storage.log_flushes=%lu", xd_store_flush_count());
     for (int i = 0; i < xd_srv.nmodules; i++) {
         const xd_module *m = xd_srv.modules[i];
         for (int k = 0; k < m->ncounters; k++)
