@@ -437,7 +437,8 @@ delay_expired(void *data)
     flush(st, "max_delay");
 }
 
-/* XD_HOOK_STANZA_OUT at XD_PRIO_HIGH: before mod_smacks counts it. */
+/* XD_HOOK_STANZA_OUT at XD_PRIO_HIGH: before mod_smacks counts it.  About 30
+ * instructions for an active client. */
 static int
 csi_out(xd_event *ev, void *data)
 {

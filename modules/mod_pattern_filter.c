@@ -1788,7 +1788,9 @@ scan_children(pf_conf *c, xmpp_stanza_t *st, const char *name, uint32_t *line, p
     return found;
 }
 
-/* XD_HOOK_DELIVER_LOCAL: messages with a body, subscription requests. */
+/* XD_HOOK_DELIVER_LOCAL: messages with a body, subscription requests.  About 900
+ * instructions for a roster contact's message with the sample scope (the scan is
+ * skipped); bench/pattern_filter.py measures the scan itself. */
 static int
 pf_deliver(xd_event *ev, void *data)
 {

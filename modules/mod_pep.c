@@ -1384,7 +1384,8 @@ out:
     return ok;
 }
 
-/* XD_HOOK_ROUTE: answers to our disco#info queries (sent to the server). */
+/* XD_HOOK_ROUTE: answers to our disco#info queries (sent to the server).  About 230
+ * instructions for any other stanza. */
 static int
 pep_route(xd_event *ev, void *data)
 {

@@ -776,6 +776,8 @@ held_add(rl_sess *ss, double now, double window, double d)
     return ss->held_prev * (1 - (now - ss->win_start) / window) + ss->held_cur;
 }
 
+/* XD_HOOK_C2S_STANZA and S2S_STANZA: charge the stream's buckets.  About 90
+ * instructions per stanza. */
 static int
 on_stanza(xd_event *ev, void *data)
 {

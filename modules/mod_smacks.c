@@ -226,6 +226,8 @@ send_request(xd_session *s)
 
 /* ---- outgoing stanzas -------------------------------------------------------- */
 
+/* XD_HOOK_STANZA_OUT: about 30 instructions without stream management, a
+ * stanza copy (a few hundred) with it. */
 static int
 stanza_out(xd_event *ev, void *data)
 {

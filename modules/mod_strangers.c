@@ -1639,7 +1639,8 @@ release_known(strangers *sp, const xd_jid *user, const char *prefix, size_t plen
 /* ---- hooks ---------------------------------------------------------------------------- */
 
 /* XD_HOOK_DELIVER_LOCAL, after mod_blocking and before MAM, carbons and
- * offline storage. */
+ * offline storage.  About 3,100 instructions for a roster contact's message
+ * (the relation comes from mod_roster's cache; no storage read). */
 static int
 st_deliver(xd_event *ev, void *data)
 {
@@ -1709,7 +1710,8 @@ st_deliver(xd_event *ev, void *data)
 /* XD_HOOK_C2S_STANZA: the user writes to (or sends directed presence to,
  * e.g. joins a room at) a contact: the user started that conversation, so
  * the contact is known from now on and what it sent before is released.
- * Runs after mod_blocking: a stanza to a blocked JID never gets here. */
+ * Runs after mod_blocking: a stanza to a blocked JID never gets here.  About
+ * 2,700 instructions for a message to a roster contact, nothing written. */
 static int
 st_c2s(xd_event *ev, void *data)
 {
