@@ -75,6 +75,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <xmppd/hashtab.h>
 #include <xmppd/module.h>
 
 #define NS_MAM "urn:xmpp:mam:2"
@@ -110,6 +111,8 @@ typedef struct mam {
     long long max_msgs;
     long long max_age_days;
     long long max_page;
+    xd_hashtab *cache; /* prefix -> ucache */
+    xd_timer *cache_timer;
 } mam;
 
 typedef struct meta {
@@ -117,6 +120,79 @@ typedef struct meta {
     unsigned long long oldest_seq;
     long long last_time;
 } meta;
+
+/*
+ * What archiving reads for every message, kept between messages: the user's
+ * meta record (as last committed) and preferences.  mod_mam is their only
+ * writer in this process; an entry is dropped when a write fails, when the
+ * preferences change and when the account goes, and everything every
+ * CACHE_TTL seconds (xmppctl changes the store from another process).
+ */
+typedef struct ucache {
+    unsigned have_meta : 1, have_prefs : 1;
+    meta mt;
+    char def;
+    char *entries;
+    size_t len;
+    char key[];
+} ucache;
+
+#define CACHE_MAX 65536
+#define CACHE_TTL 60.0
+
+static int
+cache_free_entry(const char *key, void *val, void *data)
+{
+    ucache *u = val;
+    xd_hashtab_del(data, key);
+    free(u->entries);
+    free(u);
+    return 0;
+}
+
+static void
+cache_flush(mam *a)
+{
+    if (a->cache)
+        xd_hashtab_foreach(a->cache, cache_free_entry, a->cache);
+}
+
+static void
+cache_drop(mam *a, const char *prefix)
+{
+    ucache *u = a->cache ? xd_hashtab_del(a->cache, prefix) : NULL;
+    if (u) {
+        free(u->entries);
+        free(u);
+    }
+}
+
+/* The user's entry, made if missing; NULL without memory (then uncached). */
+static ucache *
+cache_entry(mam *a, const char *prefix)
+{
+    ucache *u = xd_hashtab_get(a->cache, prefix);
+    size_t n = strlen(prefix);
+
+    if (u)
+        return u;
+    if (xd_hashtab_count(a->cache) >= CACHE_MAX)
+        cache_flush(a);
+    if (!(u = calloc(1, sizeof(*u) + n + 1)))
+        return NULL;
+    memcpy(u->key, prefix, n + 1);
+    if (xd_hashtab_put(a->cache, u->key, u) != 0) {
+        free(u);
+        return NULL;
+    }
+    return u;
+}
+
+static void
+cache_timer_cb(void *data)
+{
+    cache_flush(data);
+}
 
 /* ---- encoding --------------------------------------------------------------------- */
 
@@ -346,9 +422,50 @@ prefs_free(prefs *p)
     p->len = 0;
 }
 
+/* A copy of the preferences for the cache (best effort). */
+static void
+prefs_remember(mam *a, const char *prefix, const prefs *p)
+{
+    ucache *u = cache_entry(a, prefix);
+    char *e = NULL;
+
+    if (!u || (p->len && !(e = malloc(p->len))))
+        return;
+    if (p->len)
+        memcpy(e, p->entries, p->len);
+    free(u->entries);
+    u->entries = e;
+    u->len = p->len;
+    u->def = p->def;
+    u->have_prefs = 1;
+}
+
+static int prefs_read(mam *a, const char *prefix, size_t plen, prefs *out);
+
 /* 0 ok (defaults when none stored), -1 storage error or unreadable record. */
 static int
 prefs_load(mam *a, const char *prefix, size_t plen, prefs *out)
+{
+    ucache *u = xd_hashtab_get(a->cache, prefix);
+
+    memset(out, 0, sizeof(*out));
+    if (u && u->have_prefs) {
+        if (u->len && !(out->entries = malloc(u->len)))
+            return -1;
+        if (u->len)
+            memcpy(out->entries, u->entries, u->len);
+        out->len = u->len;
+        out->def = u->def;
+        return 0;
+    }
+    if (prefs_read(a, prefix, plen, out) != 0)
+        return -1;
+    prefs_remember(a, prefix, out);
+    return 0;
+}
+
+static int
+prefs_read(mam *a, const char *prefix, size_t plen, prefs *out)
 {
     void *val = NULL;
     size_t vlen = 0;
@@ -547,6 +664,7 @@ prefs_set(mam *a, xd_event *ev, xmpp_stanza_t *el, const char *prefix, size_t pl
     if (p.len)
         memcpy(rec + 2, p.entries, p.len);
     /* autocommit: one put is one transaction */
+    cache_drop(a, prefix);
     if (xd_db_put(a->prefs, NULL, prefix, plen, rec, p.len + 2) != 0) {
         reply_error(ev, "wait", "internal-server-error", NULL);
     } else if ((res = xd_iq_result(ev->stanza))) {
@@ -587,15 +705,22 @@ rebuild_visit(const void *key, size_t klen, const void *val, size_t vlen, void *
     return 0;
 }
 
-/* Read the user's meta record in txn; rebuilt from the records when missing. */
+/* Read the user's meta record in txn (or its cached copy); rebuilt from the
+ * records when missing. */
 static int
 meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
 {
+    ucache *u = xd_hashtab_get(a->cache, prefix);
     void *val = NULL;
     size_t vlen = 0;
-    int r = xd_db_get(a->meta, txn, prefix, plen, &val, &vlen);
+    int r;
     rebuild_acc acc = {plen, mt, 0};
 
+    if (u && u->have_meta) {
+        *mt = u->mt;
+        return 0;
+    }
+    r = xd_db_get(a->meta, txn, prefix, plen, &val, &vlen);
     memset(mt, 0, sizeof(*mt));
     if (r < 0)
         return -1;
@@ -713,15 +838,23 @@ archive_store(mam *a, const char *prefix, size_t plen, char dir, const char *wit
         goto abort;
     free(rec);
     rec = NULL;
-    /* durable before the hook returns, like offline storage */
+    /* committed before the hook returns (durable before anything says so) */
     if (xd_txn_commit(txn) != 0)
         goto fail;
+    {
+        ucache *u = cache_entry(a, prefix);
+        if (u) {
+            u->mt = mt;
+            u->have_meta = 1;
+        }
+    }
     xd_debug("mam: archived %016llx for %s (%c, with %s)", *seq_out, prefix, dir, with);
     return 0;
 abort:
     xd_txn_abort(txn);
 fail:
     free(rec);
+    cache_drop(a, prefix); /* read it again from what was committed */
     xd_error("mam: %s: could not archive a message", prefix);
     return -1;
 }
@@ -1274,6 +1407,18 @@ static const xd_setting mam_settings[] = {
     {NULL, 0},
 };
 
+/* XD_HOOK_ACCOUNT_REMOVED: the core purges the records; forget our copies. */
+static int
+mam_account_removed(xd_event *ev, void *data)
+{
+    mam *a = data;
+    char prefix[XD_JID_STR_MAX + 1];
+
+    if (xd_db_user_prefix(ev->from, prefix, sizeof(prefix)))
+        cache_drop(a, prefix);
+    return XD_PASS;
+}
+
 static int
 mam_load(xd_module *m)
 {
@@ -1310,6 +1455,10 @@ mam_load(xd_module *m)
         xd_debug("mam: storage not open, archiving disabled"); /* xmppd --check-config */
         return 0;
     }
+    if (!(a->cache = xd_hashtab_new(1024)) ||
+        !(a->cache_timer = xd_timer_start(m, CACHE_TTL, CACHE_TTL, cache_timer_cb, a)))
+        return -1;
+    r |= xd_hook(m, XD_HOOK_ACCOUNT_REMOVED, mam_account_removed, a, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_C2S_STANZA, mam_outgoing, a, XD_PRIO_LOW);
     r |= xd_hook(m, XD_HOOK_DELIVER_LOCAL, mam_incoming, a, XD_PRIO_DEFAULT + 1);
     r |= xd_iq_register(m, XD_IQ_ACCOUNT, "get", NS_MAM, mam_iq, a);
@@ -1322,7 +1471,15 @@ mam_load(xd_module *m)
 static void
 mam_unload(xd_module *m)
 {
-    free(xd_module_get_data(m));
+    mam *a = xd_module_get_data(m);
+
+    if (a && a->cache) {
+        cache_flush(a);
+        xd_hashtab_free(a->cache);
+    }
+    if (a && a->cache_timer)
+        xd_timer_stop(a->cache_timer);
+    free(a);
 }
 
 XD_MODULE(mam) = {
