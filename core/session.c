@@ -611,24 +611,39 @@ release_durable(xd_session *s)
     return s->deferred != NULL;
 }
 
+/*
+ * The disk caught up: write what waited for it, session by session.  Writing
+ * can end sessions and so run hooks that write to others; a call from in
+ * there (a waiter that was already due) only asks for one more pass.
+ */
 static void
 deferred_cb(void *data)
 {
+    static int running, again;
     xd_session *next;
     (void)data;
 
     durable_armed = 0;
-    for (xd_session *s = to_durable; s; s = next) {
-        next = s->dwait_next;
-        if (release_durable(s))
-            continue;
-        deferred_clear(s);
-        if (s->close_waits && !s->dead) {
-            s->close_waits = 0;
-            send_close(s, s->close_cond, s->close_text);
-        }
+    if (running) {
+        again = 1;
+        return;
     }
-    arm_durable();
+    running = 1;
+    do {
+        again = 0;
+        for (xd_session *s = to_durable; s; s = next) {
+            next = s->dwait_next;
+            if (release_durable(s))
+                continue;
+            deferred_clear(s);
+            if (s->close_waits && !s->dead) {
+                s->close_waits = 0;
+                send_close(s, s->close_cond, s->close_text);
+            }
+        }
+    } while (again);
+    running = 0;
+    arm_durable(); /* unless a call from in there already did */
 }
 
 /* One storage waiter for every session: the oldest commit anyone waits for. */

@@ -537,7 +537,7 @@ xd_store_close(void)
     if (!store.env)
         return;
     stop_flusher();
-    xd_store_flush();
+    /* What still waits is dropped, not run: the server is past its loop. */
     drop_waiters();
     for (int i = 0; i < store.ntables; i++) {
         if ((ret = store.tables[i].dbp->close(store.tables[i].dbp, 0)) != 0)

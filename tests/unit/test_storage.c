@@ -17,6 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <ev.h>
+
 #include <xmppd/log.h>
 #include <xmppd/module.h>
 #include <xmppd/storage.h>
@@ -592,6 +594,137 @@ static void test_corrupt_record(void **state)
     assert_int_equal(xd_account_delete(&frank), 0);
 }
 
+/* ---- group commit ------------------------------------------------------------ */
+
+typedef struct order {
+    int seen[8];
+    int n;
+    int dropped;
+} order;
+
+static void note_1(void *data) { order *o = data; o->seen[o->n++] = 1; }
+static void note_2(void *data) { order *o = data; o->seen[o->n++] = 2; }
+static void note_3(void *data) { order *o = data; o->seen[o->n++] = 3; }
+static void note_drop(void *data) { ((order *)data)->dropped++; }
+static void no_failure(void) { fail_msg("the flusher reported a failure"); }
+
+/* Turn the loop until `commit` is durable: at most 10 s (the storage
+ * watchers do not keep a loop running, so each turn is a poll, then 1 ms). */
+static void run_until_durable(struct ev_loop *loop, uint64_t commit)
+{
+    for (int i = 0; i < 10000 && !xd_store_is_durable(commit); i++) {
+        ev_run(loop, EVRUN_NOWAIT);
+        usleep(1000);
+    }
+    assert_true(xd_store_is_durable(commit));
+}
+
+/* With the flusher, a commit is not durable until the loop has asked for it
+ * and the thread has synced the log; waiters run then, in order; what still
+ * waits when the store closes is dropped, never run. */
+static void test_group_commit(void **state)
+{
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    xd_db *db = xd_db_open("gc");
+    order o = {0};
+    uint64_t c1, c2;
+
+    (void)state;
+    assert_non_null(loop);
+    assert_non_null(db);
+    assert_int_equal(xd_store_start_flusher(loop, no_failure), 0);
+    assert_int_equal(xd_store_start_flusher(loop, no_failure), -1); /* once */
+
+    put_str(db, NULL, "a", "1");
+    c1 = xd_store_commits();
+    assert_true(c1 > 0);
+    assert_false(xd_store_is_durable(c1)); /* nobody asked the thread yet */
+    assert_int_equal(xd_store_when_durable(c1, note_1, note_drop, &o), 0);
+    {
+        xd_txn *txn;
+        assert_int_equal(xd_txn_begin(&txn), 0);
+        put_str(db, txn, "b", "2");
+        assert_int_equal(xd_txn_commit(txn), 0);
+    }
+    c2 = xd_store_commits();
+    assert_true(c2 > c1);
+    /* an earlier commit number still waits its turn behind the first waiter */
+    assert_int_equal(xd_store_when_durable(c2, note_2, note_drop, &o), 0);
+    assert_int_equal(xd_store_when_durable(c1, note_3, note_drop, &o), 0);
+    assert_int_equal(o.n, 0);
+
+    run_until_durable(loop, c2);
+    assert_int_equal(o.n, 3);
+    assert_int_equal(o.seen[0], 1);
+    assert_int_equal(o.seen[1], 2);
+    assert_int_equal(o.seen[2], 3);
+    /* durable already: runs at once */
+    assert_int_equal(xd_store_when_durable(c2, note_1, note_drop, &o), 0);
+    assert_int_equal(o.n, 4);
+
+    /* many commits between two loop turns share one flush */
+    {
+        unsigned long before = xd_store_flush_count();
+        for (int i = 0; i < 200; i++) {
+            char k[16];
+            snprintf(k, sizeof(k), "k%d", i);
+            put_str(db, NULL, k, "v");
+        }
+        run_until_durable(loop, xd_store_commits());
+        assert_true(xd_store_flush_count() - before <= 2);
+    }
+
+    /* a waiter left at close is dropped */
+    put_str(db, NULL, "c", "3");
+    assert_int_equal(xd_store_when_durable(xd_store_commits(), note_1, note_drop, &o), 0);
+    xd_store_close();
+    assert_int_equal(o.dropped, 1);
+    assert_int_equal(o.n, 4);
+    ev_loop_destroy(loop);
+    reopen(state);
+    db = xd_db_open("gc");
+    assert_value(db, NULL, "c", "3"); /* close flushed it */
+}
+
+/* A commit the flusher reported durable survives the process being killed
+ * right after (the child waits for it, then SIGKILLs itself). */
+static void test_group_commit_survives_kill(void **state)
+{
+    int status;
+    pid_t pid;
+
+    xd_store_close();
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+        xd_db *db;
+        uint64_t c;
+
+        if (!loop || xd_store_open(*state) != 0 || !(db = xd_db_open("crash")) ||
+            xd_store_start_flusher(loop, no_failure) != 0)
+            _exit(2);
+        if (xd_db_put(db, NULL, "acked", 5, "yes", 3) != 0)
+            _exit(3);
+        c = xd_store_commits();
+        for (int i = 0; i < 10000 && !xd_store_is_durable(c); i++) {
+            ev_run(loop, EVRUN_NOWAIT);
+            usleep(1000);
+        }
+        if (!xd_store_is_durable(c))
+            _exit(4);
+        kill(getpid(), SIGKILL);
+        _exit(5);
+    }
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFSIGNALED(status));
+    assert_int_equal(WTERMSIG(status), SIGKILL);
+    assert_int_equal(xd_store_open(*state), 0);
+    xd_db *db = xd_db_open("crash");
+    assert_non_null(db);
+    assert_value(db, NULL, "acked", "yes");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -611,6 +744,8 @@ int main(void)
         T(test_account_bad_input),
         T(test_record_has_no_password),
         T(test_corrupt_record),
+        T(test_group_commit),
+        T(test_group_commit_survives_kill),
 #undef T
     };
 
