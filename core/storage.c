@@ -947,6 +947,112 @@ int xd_db_foreach(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, xd_db
     return ret;
 }
 
+/* ---- the ends of a prefix ------------------------------------------------------ */
+
+/* Copy a found record out of the cursor's DBTs (malloc'd, like xd_db_get). */
+static int
+edge_copy(const DBT *k, const DBT *v, void **key, size_t *klen, void **val, size_t *vlen)
+{
+    *key = dup_bytes(k->data, k->size);
+    *val = malloc((size_t)v->size + 1);
+    if (!*key || !*val) {
+        free(*key);
+        free(*val);
+        *key = *val = NULL;
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    memcpy(*val, v->data, v->size);
+    ((char *)*val)[v->size] = '\0';
+    *klen = k->size;
+    *vlen = v->size;
+    return 0;
+}
+
+/*
+ * Position c on the first (last == 0) or last record whose key starts with
+ * prefix.  The last one is found from the smallest key after every key with
+ * the prefix: the prefix with its last byte below 0xff incremented.
+ */
+static int
+edge_seek(DBC *c, const void *prefix, size_t plen, int last, DBT *k, DBT *v)
+{
+    unsigned char succ[512];
+    size_t n = plen;
+    int ret;
+
+    memset(k, 0, sizeof(*k));
+    memset(v, 0, sizeof(*v));
+    if (!last) {
+        set_dbt(k, prefix, plen);
+        return c->get(c, k, v, DB_SET_RANGE);
+    }
+    if (plen > sizeof(succ))
+        return EINVAL;
+    memcpy(succ, prefix, plen);
+    while (n > 0 && succ[n - 1] == 0xff)
+        n--;
+    if (n == 0)
+        return c->get(c, k, v, DB_LAST);
+    succ[n - 1]++;
+    set_dbt(k, succ, n);
+    ret = c->get(c, k, v, DB_SET_RANGE);
+    if (ret == DB_NOTFOUND)
+        return c->get(c, k, v, DB_LAST);
+    if (ret != 0)
+        return ret;
+    return c->get(c, k, v, DB_PREV);
+}
+
+static int
+db_edge(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, int last, void **key,
+        size_t *klen, void **val, size_t *vlen)
+{
+    DB_TXN *t;
+    DBC *c;
+    DBT k, v;
+    int ret, cret, r;
+
+    *key = *val = NULL;
+    *klen = *vlen = 0;
+    if (check_args(db, prefix, plen) != 0 || read_begin(db, txn, &t) != 0)
+        return -1;
+    if ((ret = db->dbp->cursor(db->dbp, t, &c, 0)) != 0) {
+        read_end(db, txn, t);
+        return report(db, "cursor", ret);
+    }
+    ret = edge_seek(c, prefix, plen, last, &k, &v);
+    if (ret == 0 && (k.size < plen || memcmp(k.data, prefix, plen) != 0))
+        ret = DB_NOTFOUND;
+    r = ret == 0 ? edge_copy(&k, &v, key, klen, val, vlen) : 0;
+    if ((cret = c->close(c)) != 0 && (ret == 0 || ret == DB_NOTFOUND))
+        ret = cret;
+    read_end(db, txn, t);
+    if (ret == DB_NOTFOUND)
+        return XD_NOTFOUND;
+    if (ret != 0) {
+        free(*key);
+        free(*val);
+        *key = *val = NULL;
+        return report(db, "cursor get", ret);
+    }
+    return r;
+}
+
+int
+xd_db_first(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, void **key, size_t *klen,
+            void **val, size_t *vlen)
+{
+    return db_edge(db, txn, prefix, plen, 0, key, klen, val, vlen);
+}
+
+int
+xd_db_last(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, void **key, size_t *klen,
+           void **val, size_t *vlen)
+{
+    return db_edge(db, txn, prefix, plen, 1, key, klen, val, vlen);
+}
+
 /* ---- per-user purge --------------------------------------------------------- */
 
 typedef struct key_list {

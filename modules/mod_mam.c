@@ -58,13 +58,15 @@
  *                  direction byte ('i' or 'o'), 2-byte length + the other
  *                  party's prepared JID (full when it had a resource),
  *                  the stanza's XML text
- *   mam_meta  "user@domain\0" -> version byte, next sequence, oldest
- *               sequence, last time (8 bytes each)
  *   mam_prefs "user@domain\0" -> version byte, default ('a', 'n', 'r'),
  *               then entries: 'A' or 'N', prepared JID, NUL
  * The archive id is the sequence as 16 hex digits.  A user's first sequence
  * is the current time in microseconds, so ids are not reused if an account
- * is deleted (the core purges every "user\0" key) and created again.
+ * is deleted (the core purges every "user\0" key) and created again.  The
+ * next and oldest sequence and the last time come from the archive's last
+ * and first records (read once, then kept in memory), so an archived message
+ * costs one record write; the mam_meta table of earlier versions is no
+ * longer read or written (it leaves with each account).
  * Timestamps are made strictly increasing per user, so start/end filters
  * follow archive order.  Retention (`max_messages_per_user`, `max_age_days`)
  * removes the oldest records on insert, at most PRUNE_MAX per insert; a
@@ -91,8 +93,6 @@
 
 #define RECORD_VERSION 1
 #define RECORD_FIXED 12 /* version + time + direction + with length */
-#define META_VERSION 1
-#define META_LEN 25
 #define PREFS_VERSION 1
 #define SEQ_LEN 8
 #define ID_LEN 16
@@ -106,7 +106,6 @@
 typedef struct mam {
     xd_module *m;
     xd_db *arch;
-    xd_db *meta;
     xd_db *prefs;
     long long max_msgs;
     long long max_age_days;
@@ -122,8 +121,8 @@ typedef struct meta {
 } meta;
 
 /*
- * What archiving reads for every message, kept between messages: the user's
- * meta record (as last committed) and preferences.  mod_mam is their only
+ * What archiving needs for every message, kept between messages: the user's
+ * archive state (as last committed) and preferences.  mod_mam is their only
  * writer in this process; an entry is dropped when a write fails, when the
  * preferences change and when the account goes, and everything every
  * CACHE_TTL seconds (xmppctl changes the store from another process).
@@ -678,79 +677,61 @@ prefs_set(mam *a, xd_event *ev, xmpp_stanza_t *el, const char *prefix, size_t pl
 
 /* ---- storing ------------------------------------------------------------------------------- */
 
-typedef struct rebuild_acc {
-    size_t plen;
-    meta *mt;
-    int any;
-} rebuild_acc;
-
+/* The sequence number of an archive key (prefix + SEQ_LEN bytes). */
 static int
-rebuild_visit(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+key_seq(const void *key, size_t klen, size_t plen, unsigned long long *seq)
 {
-    rebuild_acc *r = data;
-    const unsigned char *v = val;
-    unsigned long long seq;
-
-    if (klen != r->plen + SEQ_LEN)
-        return 0;
-    seq = xd_db_get_be((const unsigned char *)key + r->plen, SEQ_LEN);
-    if (!r->any || seq < r->mt->oldest_seq)
-        r->mt->oldest_seq = seq;
-    if (!r->any || seq + 1 > r->mt->next_seq)
-        r->mt->next_seq = seq + 1;
-    if (vlen >= RECORD_FIXED && v[0] == RECORD_VERSION &&
-        (long long)xd_db_get_be(v + 1, 8) > r->mt->last_time)
-        r->mt->last_time = (long long)xd_db_get_be(v + 1, 8);
-    r->any = 1;
+    if (klen != plen + SEQ_LEN)
+        return -1;
+    *seq = xd_db_get_be((const unsigned char *)key + plen, SEQ_LEN);
     return 0;
 }
 
-/* Read the user's meta record in txn (or its cached copy); rebuilt from the
- * records when missing. */
+/*
+ * The user's archive state (next and oldest sequence, last time), from its
+ * cached copy or from the archive itself: its first and last records, two
+ * lookups.  Nothing else is stored, so nothing else can disagree with the
+ * records after a crash.
+ */
 static int
 meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
 {
     ucache *u = xd_hashtab_get(a->cache, prefix);
-    void *val = NULL;
-    size_t vlen = 0;
+    void *k = NULL, *v = NULL;
+    size_t kl, vl;
+    unsigned long long seq;
     int r;
-    rebuild_acc acc = {plen, mt, 0};
 
     if (u && u->have_meta) {
         *mt = u->mt;
         return 0;
     }
-    r = xd_db_get(a->meta, txn, prefix, plen, &val, &vlen);
     memset(mt, 0, sizeof(*mt));
-    if (r < 0)
-        return -1;
-    if (r == 0 && vlen == META_LEN && ((unsigned char *)val)[0] == META_VERSION) {
-        const unsigned char *p = val;
-        mt->next_seq = xd_db_get_be(p + 1, 8);
-        mt->oldest_seq = xd_db_get_be(p + 9, 8);
-        mt->last_time = (long long)xd_db_get_be(p + 17, 8);
-        free(val);
+    r = xd_db_last(a->arch, txn, prefix, plen, &k, &kl, &v, &vl);
+    if (r == XD_NOTFOUND) { /* a new archive: ids start at the clock (see the header) */
+        mt->next_seq = mt->oldest_seq = (unsigned long long)now_us();
         return 0;
     }
-    if (r == 0)
-        xd_warn("mam: bad meta record for %s, rebuilding it", prefix);
-    free(val);
-    if (xd_db_foreach(a->arch, txn, prefix, plen, rebuild_visit, &acc) < 0)
+    if (r != 0 || key_seq(k, kl, plen, &seq) != 0) {
+        free(k);
+        free(v);
         return -1;
-    if (!acc.any) /* a new archive: ids start at the clock (see the header) */
-        mt->next_seq = mt->oldest_seq = (unsigned long long)now_us();
+    }
+    mt->next_seq = seq + 1;
+    if (vl >= RECORD_FIXED && ((unsigned char *)v)[0] == RECORD_VERSION)
+        mt->last_time = (long long)xd_db_get_be((unsigned char *)v + 1, 8);
+    free(k);
+    free(v);
+    if (xd_db_first(a->arch, txn, prefix, plen, &k, &kl, &v, &vl) != 0 ||
+        key_seq(k, kl, plen, &seq) != 0) {
+        free(k);
+        free(v);
+        return -1;
+    }
+    mt->oldest_seq = seq;
+    free(k);
+    free(v);
     return 0;
-}
-
-static int
-meta_save(mam *a, xd_txn *txn, const char *prefix, size_t plen, const meta *mt)
-{
-    unsigned char p[META_LEN];
-    p[0] = META_VERSION;
-    xd_db_put_be(p + 1, mt->next_seq, 8);
-    xd_db_put_be(p + 9, mt->oldest_seq, 8);
-    xd_db_put_be(p + 17, (unsigned long long)mt->last_time, 8);
-    return xd_db_put(a->meta, txn, prefix, plen, p, sizeof(p));
 }
 
 /* Retention: drop the oldest records over the count or age limit, a bounded
@@ -833,8 +814,7 @@ archive_store(mam *a, const char *prefix, size_t plen, char dir, const char *wit
     mt.next_seq++;
     mt.last_time = t;
     if (xd_db_put(a->arch, txn, key, plen + SEQ_LEN, rec, rlen) != 0 ||
-        prune(a, txn, prefix, plen, &mt, *seq_out) != 0 ||
-        meta_save(a, txn, prefix, plen, &mt) != 0)
+        prune(a, txn, prefix, plen, &mt, *seq_out) != 0)
         goto abort;
     free(rec);
     rec = NULL;
@@ -1449,8 +1429,7 @@ mam_load(xd_module *m)
     xd_module_set_data(m, a);
 
     a->arch = xd_db_open("mam");
-    a->meta = a->arch ? xd_db_open("mam_meta") : NULL;
-    a->prefs = a->meta ? xd_db_open("mam_prefs") : NULL;
+    a->prefs = a->arch ? xd_db_open("mam_prefs") : NULL;
     if (!a->prefs) {
         xd_debug("mam: storage not open, archiving disabled"); /* xmppd --check-config */
         return 0;

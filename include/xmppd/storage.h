@@ -58,6 +58,13 @@ typedef int (*xd_db_visit_fn)(const void *key, size_t klen, const void *val, siz
 int xd_db_foreach(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, xd_db_visit_fn fn,
                   void *data);
 
+/* The first or last record (in key order) whose key starts with prefix, in
+ * one lookup: 0 with *key and *val malloc'd (caller frees), XD_NOTFOUND, -1. */
+int xd_db_first(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, void **key, size_t *klen,
+                void **val, size_t *vlen);
+int xd_db_last(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, void **key, size_t *klen,
+               void **val, size_t *vlen);
+
 /*
  * Keys.  A user's records are keyed with the bare JID and a NUL first, so a
  * prefix scan finds them and account removal purges them.  Returns the

@@ -594,6 +594,51 @@ static void test_corrupt_record(void **state)
     assert_int_equal(xd_account_delete(&frank), 0);
 }
 
+/* xd_db_first/xd_db_last: the ends of a prefix, whatever sorts around it. */
+static void test_first_last(void **state)
+{
+    xd_db *db = xd_db_open("edges");
+    static const char *keys[] = {"a", "ab\x01", "ab\x02", "ab\xff", "ab\xff\xff", "ac", "b"};
+    void *k, *v;
+    size_t kl, vl;
+
+    (void)state;
+    assert_non_null(db);
+    assert_int_equal(xd_db_last(db, NULL, "ab", 2, &k, &kl, &v, &vl), XD_NOTFOUND);
+    assert_null(k);
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        assert_int_equal(xd_db_put(db, NULL, keys[i], strlen(keys[i]), keys[i], strlen(keys[i])), 0);
+
+    assert_int_equal(xd_db_first(db, NULL, "ab", 2, &k, &kl, &v, &vl), 0);
+    assert_int_equal(kl, 3);
+    assert_memory_equal(k, "ab\x01", 3);
+    assert_string_equal(v, "ab\x01");
+    free(k);
+    free(v);
+    assert_int_equal(xd_db_last(db, NULL, "ab", 2, &k, &kl, &v, &vl), 0);
+    assert_int_equal(kl, 4);
+    assert_memory_equal(k, "ab\xff\xff", 4);
+    free(k);
+    free(v);
+    /* a prefix ending in 0xff, and one past the last key of the table */
+    assert_int_equal(xd_db_last(db, NULL, "ab\xff", 3, &k, &kl, &v, &vl), 0);
+    assert_int_equal(kl, 4);
+    free(k);
+    free(v);
+    assert_int_equal(xd_db_last(db, NULL, "b", 1, &k, &kl, &v, &vl), 0);
+    assert_memory_equal(k, "b", 1);
+    free(k);
+    free(v);
+    assert_int_equal(xd_db_first(db, NULL, "aa", 2, &k, &kl, &v, &vl), XD_NOTFOUND);
+    assert_int_equal(xd_db_last(db, NULL, "ad", 2, &k, &kl, &v, &vl), XD_NOTFOUND);
+    assert_int_equal(xd_db_last(db, NULL, "c", 1, &k, &kl, &v, &vl), XD_NOTFOUND);
+    /* the whole table */
+    assert_int_equal(xd_db_last(db, NULL, NULL, 0, &k, &kl, &v, &vl), 0);
+    assert_memory_equal(k, "b", 1);
+    free(k);
+    free(v);
+}
+
 /* ---- group commit ------------------------------------------------------------ */
 
 typedef struct order {
@@ -744,6 +789,7 @@ int main(void)
         T(test_account_bad_input),
         T(test_record_has_no_password),
         T(test_corrupt_record),
+        T(test_first_last),
         T(test_group_commit),
         T(test_group_commit_survives_kill),
 #undef T
