@@ -841,10 +841,10 @@ fail:
 
 /*
  * XD_HOOK_C2S_STANZA: the user's outgoing message, into the sender's archive.
- * The most expensive hook on the message path: about 67,000 instructions
- * (callgrind, sample config), of which the preferences read 9,000, the
- * serialization 13,000 and one transaction (meta read, record and meta
- * writes, commit) 45,000.  The commit does not wait for the disk.
+ * The most expensive hook on the message path: about 44,000 instructions
+ * (callgrind, sample config): the serialization 13,000, one transaction with
+ * one record write 29,000 (the preferences and the archive state come from
+ * memory).  The commit does not wait for the disk.
  */
 static int
 mam_outgoing(xd_event *ev, void *data)
@@ -879,7 +879,7 @@ any_session(xd_session *s, void *data)
 }
 
 /* XD_HOOK_DELIVER_LOCAL: a message for a local user, into the recipient's archive.
- * About 71,000 instructions, as mam_outgoing. */
+ * About 48,000 instructions, as mam_outgoing plus the stanza-id. */
 static int
 mam_incoming(xd_event *ev, void *data)
 {

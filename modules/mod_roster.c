@@ -1239,7 +1239,7 @@ is_sub_type(const char *t)
                  !strcmp(t, "unsubscribe") || !strcmp(t, "unsubscribed"));
 }
 
-/* XD_HOOK_C2S_STANZA: presence and subscriptions from the user.  About 3,700
+/* XD_HOOK_C2S_STANZA: presence and subscriptions from the user.  About 4,000
  * instructions for a chat message, which it only looks at. */
 static int
 roster_c2s_stanza(xd_event *ev, void *data)
