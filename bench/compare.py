@@ -458,7 +458,6 @@ class Server:
         self.proc = None
         self.port = None
         self.accounts = {}         # prefix -> accounts known to exist
-        self.starts = 0
         self.quiet_s = None
         self.snapshotted = False
 
@@ -467,7 +466,6 @@ class Server:
 
     def start(self):
         self.port = free_port()
-        self.starts += 1
         self.write_config()
         self.proc = self.launch()
         deadline = time.monotonic() + START_TIMEOUT
@@ -1172,7 +1170,9 @@ class Bench:
                     r["quiet_wait_s"] = waited
                 record[name] = r
                 log("%s r%d %-18s ok  %s" % (srv.name, rnd, name, brief(name, r)))
-            except (StepFailed, RuntimeError, OSError, subprocess.SubprocessError) as e:
+            except Exception as e:    # a step's failure is reported, never fatal
+                if not isinstance(e, (StepFailed, RuntimeError)):
+                    e = StepFailed("%s: %s" % (type(e).__name__, e), getattr(e, "result", None))
                 record[name] = {"failed": str(e)}
                 if getattr(e, "result", None):
                     record[name]["result"] = {k: v for k, v in e.result.items()
@@ -1323,7 +1323,7 @@ def cell(summary, name, step, key, digits):
     return "/".join(parts) + note
 
 
-def machine_info():
+def machine_info(build=None):
     model = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1352,6 +1352,11 @@ def machine_info():
     commit = q(["git", "rev-parse", "--short", "HEAD"])
     if q(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += " (+uncommitted changes)"
+    try:     # the tree can move on after the build: say when the binary was made
+        commit += ", binary built %s" % datetime.datetime.fromtimestamp(
+            (Path(build) / "xmppd").stat().st_mtime).astimezone().isoformat(timespec="seconds")
+    except (OSError, TypeError):
+        pass
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "nproc": os.cpu_count(), "cpu": model, "memory": mem,
             "kernel": platform.release(), "xmppd": commit, "prosody": pv,
@@ -1535,7 +1540,7 @@ def main():
             shutil.rmtree(root, ignore_errors=True)
     atexit.register(cleanup)
 
-    info = machine_info()
+    info = machine_info(build)
     t_start = time.monotonic()
     bench = Bench(args, Load(xload, args.load_timeout))
     results = {s: [] for s in servers}
