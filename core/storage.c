@@ -58,10 +58,11 @@
 /* At most one log flush per this many seconds: under load, the commits of
  * many loop turns share one.  An idle server flushes a lone commit at once. */
 #define FLUSH_MIN_INTERVAL 0.004
-/* Checkpoint (dirty pages to the table files, old log files removed) after
- * this many seconds, or sooner once this much log was written. */
-#define CHECKPOINT_INTERVAL 30.0
-#define CHECKPOINT_KBYTES (32u * 1024u)
+/* Every this many seconds, checkpoint (dirty pages to the table files, old
+ * log files removed) if this much log was written since the last one: small
+ * and frequent, so no checkpoint is a burst of writes that holds up the loop. */
+#define CHECKPOINT_INTERVAL 5.0
+#define CHECKPOINT_KBYTES (4u * 1024u)
 /* Keep this share of the cache clean, so the loop never writes a page. */
 #define TRICKLE_PERCENT 20
 /* foreach copies this many records, then closes its cursor before calling
@@ -989,7 +990,8 @@ edge_seek(DBC *c, const void *prefix, size_t plen, int last, DBT *k, DBT *v)
     }
     if (plen > sizeof(succ))
         return EINVAL;
-    memcpy(succ, prefix, plen);
+    if (plen)
+        memcpy(succ, prefix, plen);
     while (n > 0 && succ[n - 1] == 0xff)
         n--;
     if (n == 0)
@@ -1022,7 +1024,7 @@ db_edge(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, int last, void 
         return report(db, "cursor", ret);
     }
     ret = edge_seek(c, prefix, plen, last, &k, &v);
-    if (ret == 0 && (k.size < plen || memcmp(k.data, prefix, plen) != 0))
+    if (ret == 0 && plen && (k.size < plen || memcmp(k.data, prefix, plen) != 0))
         ret = DB_NOTFOUND;
     r = ret == 0 ? edge_copy(&k, &v, key, klen, val, vlen) : 0;
     if ((cret = c->close(c)) != 0 && (ret == 0 || ret == DB_NOTFOUND))

@@ -529,6 +529,16 @@ flush_state_free(void *p)
     free(fs);
 }
 
+/* A session whose backlog is delivered and confirmed (or who had none) keeps
+ * no delivery state: it is most of an idle session's module data otherwise. */
+static void
+flush_settle(offline *o, xd_session *s, flush_state *fs)
+{
+    if (!fs->timer && !fs->ack_id[0] && !fs->more && !fs->nunacked &&
+        xd_session_get_data(s, o->m) == fs)
+        xd_session_set_data(s, o->m, NULL, NULL); /* frees fs */
+}
+
 /* XD_HOOK_PRESENCE_OUT: available with a non-negative priority, the initial
  * presence or a later one that raised a negative priority (XEP-0160 4). */
 static int
@@ -552,6 +562,7 @@ offline_presence(xd_event *ev, void *data)
     if (fs->timer || fs->ack_id[0])
         return XD_PASS; /* a backlog is already on its way */
     flush_batch(fs);
+    flush_settle(o, s, fs);
     return XD_PASS;
 }
 
@@ -580,6 +591,7 @@ offline_ack(xd_event *ev, void *data)
     fs->nunacked = 0;
     if (fs->more && deliverable(s))
         flush_batch(fs); /* the next round, paced by the client's reading */
+    flush_settle(o, s, fs);
     return XD_HANDLED;
 }
 
