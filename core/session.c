@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <strings.h>
 #include <gnutls/x509.h>
-#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -961,12 +960,8 @@ idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
         if (!s->dead && !s->closing && !s->in_pending && !s->suspended && !s->paused &&
             now - s->last_input >= IDLE_AFTER)
             freed += (unsigned)xd_xmlstream_idle(s->xs);
-    /* The parsers' pages lie between live sessions' memory: hand the whole
-     * free pages back, or the process keeps them resident. */
-    if (freed) {
-        malloc_trim(0);
+    if (freed)
         xd_debug("%u idle stream(s) let their parser go", freed);
-    }
 }
 
 void
