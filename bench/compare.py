@@ -105,7 +105,9 @@ that must not be delivered into the next measurement.  The server process
 is restarted before each idle-session step and before the message steps
 (memory is measured on a fresh process), and before each measurement the
 script waits (up to 30 s, recorded as quiet_wait_s) until the server uses
-under 5% of a CPU: the previous step is worked off.
+under 5% of a CPU and writes under 256 KiB per 0.5 s: the previous step is
+worked off, including the pages its messages dirtied (so the fixed-rate step
+measures that rate, not the write-back of the burst before it).
 
 Steps, per server per round (a failing step is reported, not fatal):
 
@@ -125,8 +127,8 @@ Steps, per server per round (a failing step is reported, not fatal):
                msg/s and latency percentiles.  During it /proc is sampled
                every 0.1 s (utime+stime and write_bytes of the server
                process: xmppd, Prosody's lua5.4, ejabberd's beam.smp) and for
-               xmppd `db5.3_stat -l -h DATA_DIR` every second ("Total log file
-               flushes").  The measured window is [start + setup_s + warmup,
+               xmppd `xmppctl stats` every second (storage.log_flushes: the
+               server's log flushes, counted by the server itself).  The measured window is [start + setup_s + warmup,
                + seconds] from xmppload's output; deltas between the samples
                inside it over msg/s times their time apart give CPU seconds
                per 10,000 messages, disk bytes written per message, log
@@ -202,7 +204,6 @@ SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
 PROSODY_BIN = shutil.which("prosody") or "/usr/bin/prosody"
 EJABBERDCTL = shutil.which("ejabberdctl") or "/usr/sbin/ejabberdctl"
-DB_STAT = shutil.which("db5.3_stat") or "/usr/bin/db5.3_stat"
 CERTTOOL = shutil.which("certtool") or "/usr/bin/certtool"
 BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
@@ -315,17 +316,19 @@ def stream_probe(port, timeout=5.0):
         return repr(e)
 
 
-def wait_quiet(pid, deadline, busy=0.05, period=0.5):
-    """Wait until the process uses under `busy` of a CPU over `period`
-    (start-up work done) or the deadline passes; the seconds waited."""
+def wait_quiet(pid, deadline, busy=0.05, period=0.5, writes=256 * 1024):
+    """Wait until the process uses under `busy` of a CPU and writes under
+    `writes` bytes over `period` (start-up work, or what the previous step
+    left to write back, done) or the deadline passes; the seconds waited."""
     t0 = time.monotonic()
     try:
         while time.monotonic() < deadline:
-            c0 = cpu_seconds(pid)
+            c0, w0 = cpu_seconds(pid), write_bytes(pid)
             time.sleep(period)
-            if (cpu_seconds(pid) - c0) / period < busy:
+            if ((cpu_seconds(pid) - c0) / period < busy and
+                    write_bytes(pid) - w0 < writes):
                 break
-    except OSError:
+    except (OSError, TypeError):
         pass
     return round(time.monotonic() - t0, 1)
 
@@ -553,13 +556,12 @@ class Xmppd(Server):
                        self.log_path(), cwd=str(self.dir))
 
     def db_flushes(self):
-        """'Total log file flushes' of the environment (db5.3_stat -l)."""
-        r = subprocess.run([DB_STAT, "-l", "-h", str(self.data_dir)], capture_output=True,
-                           text=True, timeout=10)
-        m = re.search(r"^(\d+)(M?)\s+Total log file flushes", r.stdout, re.M)
-        if not m:
-            return None
-        return int(m.group(1)) * (1000000 if m.group(2) else 1)
+        """Log flushes so far (storage.log_flushes of `xmppctl stats`, which
+        asks the running server: its environment is private to it)."""
+        r = subprocess.run([str(self.build / "xmppctl"), "--config", str(self.config_path),
+                            "stats"], capture_output=True, text=True, timeout=10)
+        m = re.search(r"^storage\.log_flushes (\d+)$", r.stdout, re.M)
+        return int(m.group(1)) if r.returncode == 0 and m else None
 
 
 class XmppdMin(Xmppd):
@@ -973,7 +975,7 @@ class Sampler(threading.Thread):
             v = self.srv.db_flushes()
         except (OSError, subprocess.SubprocessError):
             v = None
-        if v is not None:     # stamped halfway through db5.3_stat's run
+        if v is not None:     # stamped halfway through xmppctl's run
             self.db.append(((t + time.monotonic()) / 2, v))
 
     def run(self):
@@ -1504,7 +1506,7 @@ def main():
 
     need = [xload, CERTTOOL, PRLIMIT]
     if any(s.startswith("xmppd") for s in servers):
-        need += [build / "xmppd", build / "modules" / "mod_c2s.so", DB_STAT]
+        need += [build / "xmppd", build / "xmppctl", build / "modules" / "mod_c2s.so"]
     if "prosody" in servers:
         need += [PROSODY_BIN, SETPRIV]
     if "ejabberd" in servers:

@@ -5,7 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
+#include "admin.h"
 #include "session.h"
 #include "store.h"
 
@@ -37,6 +39,7 @@ shut_down(struct ev_loop *loop)
         return;
     xd_srv.stopping = 1;
     xd_listeners_close();
+    xd_admin_close();
     xd_sessions_shutdown();
     xd_store_flush();
     ev_timer_init(&drain_w, drain_cb, 0.02, 0.02);
@@ -118,9 +121,30 @@ setup(const char *path)
     return 0;
 }
 
+/* The storage is one process's at a time: wait a little for an xmppctl that
+ * has it (a second server waits, then gives up). */
+static int
+open_store(void)
+{
+    const char *dir = xd_srv.conf.data_dir;
+    int r;
+
+    xd_store_quiet_busy(1);
+    for (int i = 0; (r = xd_store_open(dir)) == XD_BUSY && i < 50; i++) {
+        if (i == 0)
+            xd_info("storage: %s is in use; waiting up to 5 s", dir);
+        usleep(100 * 1000);
+    }
+    xd_store_quiet_busy(0);
+    if (r == XD_BUSY)
+        r = xd_store_open(dir); /* once more, to log who has it */
+    return r;
+}
+
 static void
 teardown(void)
 {
+    xd_admin_close();
     xd_modules_unload();
     xd_store_close();
     if (xd_srv.creds)
@@ -178,9 +202,8 @@ main(int argc, char **argv)
         return r == 0 ? 0 : 1;
     }
     raise_fd_limit();
-    if (xd_store_open(xd_srv.conf.data_dir) != 0 ||
-        xd_store_start_flusher(xd_srv.loop, storage_failed) != 0 || xd_modules_load() != 0 ||
-        xd_listeners_open() != 0) {
+    if (open_store() != 0 || xd_store_start_flusher(xd_srv.loop, storage_failed) != 0 ||
+        xd_modules_load() != 0 || xd_listeners_open() != 0 || xd_admin_open() != 0) {
         xd_error("xmppd did not start (see above)");
         xd_listeners_close();
         teardown();

@@ -124,6 +124,9 @@ void xd_log_setup(int level, int use_syslog);
 /* services.c */
 int xd_iq_pending_reply(const xd_event *ev); /* 1: it answered an xd_iq_send() */
 int xd_adhoc_dispatch(xd_event *ev);         /* XEP-0050 IQs to a served domain */
+typedef void (*xd_stat_fn)(const char *name, const char *counter, unsigned long long value,
+                           void *data);
+void xd_stats_foreach(xd_stat_fn fn, void *data); /* the core's counters, then each module's */
 void xd_stats_log(void);
 void xd_services_forget(xd_module *m);
 void xd_services_free(void);

@@ -250,16 +250,28 @@ xd_count(xd_module *m, const char *name, unsigned long n)
 }
 
 void
-xd_stats_log(void)
+xd_stats_foreach(xd_stat_fn fn, void *data)
 {
-    xd_info("stats: storage.commits=%llu", (unsigned long long)xd_store_commits());
-    xd_info("stats: storage.log_flushes=%lu", xd_store_flush_count());
+    fn("storage", "commits", (unsigned long long)xd_store_commits(), data);
+    fn("storage", "log_flushes", xd_store_flush_count(), data);
     for (int i = 0; i < xd_srv.nmodules; i++) {
         const xd_module *m = xd_srv.modules[i];
         for (int k = 0; k < m->ncounters; k++)
-            xd_info("stats: %s.%s=%llu", m->desc->name, m->counters[k].name,
-                    m->counters[k].value);
+            fn(m->desc->name, m->counters[k].name, m->counters[k].value, data);
     }
+}
+
+static void
+log_stat(const char *name, const char *counter, unsigned long long value, void *data)
+{
+    (void)data;
+    xd_info("stats: %s.%s=%llu", name, counter, value);
+}
+
+void
+xd_stats_log(void)
+{
+    xd_stats_foreach(log_stat, NULL);
 }
 
 /* ---- the roster query ---------------------------------------------------------- */

@@ -8,8 +8,12 @@
 #include <xmppd/scram.h>
 #include <xmppd/storage.h>
 
-/* Open (create, run recovery on) the environment in dir. 0 ok, -1 (logged). */
+/* Open (create, run recovery on) the environment in dir, which only one
+ * process may have open at a time: 0 ok, XD_BUSY if another has it, -1
+ * (both logged, XD_BUSY not after xd_store_quiet_busy(1)). */
+#define XD_BUSY (-2)
 int xd_store_open(const char *dir);
+void xd_store_quiet_busy(int quiet);
 /* Checkpoint and close every table and the environment. Safe to call twice. */
 void xd_store_close(void);
 /* Group commit from here on (see storage.c); on_failure runs on the loop if
