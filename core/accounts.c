@@ -109,6 +109,32 @@ static xd_db *accounts_table(void)
     return xd_db_open(ACCOUNTS_TABLE);
 }
 
+/* "accounts_meta": key "removed" -> 8-byte count of accounts ever deleted. */
+#define META_TABLE "accounts_meta"
+#define REMOVED_KEY "removed"
+
+static int removals_read(xd_txn *txn, unsigned long long *n)
+{
+    xd_db *db = xd_db_open(META_TABLE);
+    void *v = NULL;
+    size_t vlen = 0;
+    int r;
+
+    *n = 0;
+    if (!db)
+        return -1;
+    r = xd_db_get(db, txn, REMOVED_KEY, strlen(REMOVED_KEY), &v, &vlen);
+    if (r == 0 && vlen == 8)
+        *n = xd_db_get_be(v, 8);
+    free(v);
+    return r < 0 ? -1 : 0;
+}
+
+int xd_account_removals(unsigned long long *n)
+{
+    return removals_read(NULL, n);
+}
+
 /* The table key for a bare JID: "local@domain".  -1 if not an account JID. */
 static int account_key(const xd_jid *bare, char *buf, size_t len)
 {
@@ -263,6 +289,16 @@ int xd_account_delete(const xd_jid *bare)
         memcpy(prefix, key, (size_t)klen);
         prefix[klen] = '\0';
         ret = xd_store_purge_prefix(txn, prefix, (size_t)klen + 1);
+    }
+    if (ret == 0) {
+        unsigned long long n;
+        unsigned char v[8];
+        xd_db *meta = xd_db_open(META_TABLE);
+        ret = meta && removals_read(txn, &n) == 0 ? 0 : -1;
+        if (ret == 0) {
+            xd_db_put_be(v, n + 1, 8);
+            ret = xd_db_put(meta, txn, REMOVED_KEY, strlen(REMOVED_KEY), v, sizeof(v));
+        }
     }
     if (ret != 0) {
         xd_txn_abort(txn);

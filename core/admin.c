@@ -115,41 +115,6 @@ print_counter(const char *name, const char *counter, unsigned long long value, v
     xd_admin_printf(data, "%s.%s %llu\n", name, counter, value);
 }
 
-typedef struct sess_list {
-    xd_session **v;
-    size_t n, cap;
-} sess_list;
-
-static int
-collect_session(xd_session *s, void *data)
-{
-    sess_list *l = data;
-    if (l->n == l->cap) {
-        size_t cap = l->cap ? l->cap * 2 : 8;
-        xd_session **v = realloc(l->v, cap * sizeof(*v));
-        if (!v)
-            return 1;
-        l->v = v;
-        l->cap = cap;
-    }
-    l->v[l->n++] = s;
-    return 0;
-}
-
-/* A running server: the deleted account's streams end now. */
-static void
-close_sessions(const xd_jid *bare)
-{
-    sess_list l = {0};
-
-    if (!xd_srv.bare_jids)
-        return; /* xmppctl: no sessions */
-    xd_user_sessions(bare, collect_session, &l);
-    for (size_t i = 0; i < l.n; i++)
-        xd_session_close(l.v[i], "not-authorized", "account removed");
-    free(l.v);
-}
-
 int
 xd_admin_known(const char *cmd, int nargs)
 {
@@ -197,7 +162,7 @@ xd_admin_exec(int nargs, const char *cmd, const char *arg, const char *pw, xd_ad
     if (!strcmp(cmd, "deluser")) {
         r = xd_account_delete(&j);
         if (r == 0) {
-            close_sessions(&j);
+            xd_close_user_sessions(&j, "not-authorized", "account removed");
             return 0;
         }
         xd_admin_printf(out, r == XD_NOTFOUND ? "no such user: %s\n" : "could not delete %s\n",

@@ -257,6 +257,41 @@ xd_user_sessions(const xd_jid *bare, xd_session_iter_fn fn, void *data)
     return n;
 }
 
+typedef struct sess_list {
+    xd_session **v;
+    size_t n, cap;
+} sess_list;
+
+static int
+collect_session(xd_session *s, void *data)
+{
+    sess_list *l = data;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 8;
+        xd_session **v = realloc(l->v, cap * sizeof(*v));
+        if (!v)
+            return 1;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = s;
+    return 0;
+}
+
+/* Collected first: closing a session changes the chain being walked. */
+void
+xd_close_user_sessions(const xd_jid *bare, const char *condition, const char *text)
+{
+    sess_list l = {0};
+
+    if (!xd_srv.bare_jids)
+        return; /* xmppctl: no sessions */
+    xd_user_sessions(bare, collect_session, &l);
+    for (size_t i = 0; i < l.n; i++)
+        xd_session_close(l.v[i], condition, text);
+    free(l.v);
+}
+
 /* ---- delivery ----------------------------------------------------------------- */
 
 void

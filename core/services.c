@@ -254,6 +254,7 @@ xd_stats_foreach(xd_stat_fn fn, void *data)
 {
     fn("storage", "commits", (unsigned long long)xd_store_commits(), data);
     fn("storage", "log_flushes", xd_store_flush_count(), data);
+    fn("storage", "log_bytes", xd_store_log_bytes(), data);
     for (int i = 0; i < xd_srv.nmodules; i++) {
         const xd_module *m = xd_srv.modules[i];
         for (int k = 0; k < m->ncounters; k++)

@@ -85,6 +85,7 @@
 
 struct xd_db {
     DB *dbp;
+    int heap; /* a heap table (xd_heap_open), else a B-tree */
     char name[TABLE_NAME_MAX + 1];
 };
 
@@ -563,6 +564,19 @@ xd_store_flush_count(void)
     return n;
 }
 
+unsigned long long
+xd_store_log_bytes(void)
+{
+    DB_LOG_STAT *st;
+    unsigned long long n;
+
+    if (!store.env || store.env->log_stat(store.env, &st, 0) != 0)
+        return 0;
+    n = (unsigned long long)st->st_w_mbytes * 1048576ull + st->st_w_bytes;
+    free(st);
+    return n;
+}
+
 static void
 drop_waiters(void)
 {
@@ -648,10 +662,12 @@ static int valid_table_name(const char *name)
     return n > 0;
 }
 
-xd_db *xd_db_open(const char *name)
+/* Open a table as type (DB_UNKNOWN: whatever the existing file is). */
+static xd_db *open_table(const char *name, DBTYPE type)
 {
     char file[TABLE_NAME_MAX + 4];
     struct xd_db *t;
+    DBTYPE got;
     DB *dbp;
     int ret;
 
@@ -663,9 +679,16 @@ xd_db *xd_db_open(const char *name)
         xd_error("storage: invalid table name '%s'", name ? name : "(null)");
         return NULL;
     }
-    for (int i = 0; i < store.ntables; i++)
-        if (strcmp(store.tables[i].name, name) == 0)
-            return &store.tables[i];
+    for (int i = 0; i < store.ntables; i++) {
+        t = &store.tables[i];
+        if (strcmp(t->name, name) != 0)
+            continue;
+        if (type != DB_UNKNOWN && (type == DB_HEAP) != t->heap) {
+            xd_error("storage: table %s is open as a %s", name, t->heap ? "heap" : "B-tree");
+            return NULL;
+        }
+        return t;
+    }
     if (store.ntables == TABLES_MAX) {
         xd_error("storage: too many tables (max %d) opening %s", TABLES_MAX, name);
         return NULL;
@@ -675,7 +698,10 @@ xd_db *xd_db_open(const char *name)
         return NULL;
     }
     snprintf(file, sizeof(file), "%s.db", name);
-    ret = dbp->open(dbp, NULL, file, NULL, DB_BTREE, DB_AUTO_COMMIT | DB_CREATE, 0600);
+    ret = dbp->open(dbp, NULL, file, NULL, type,
+                    DB_AUTO_COMMIT | (type == DB_UNKNOWN ? 0 : DB_CREATE), 0600);
+    if (ret == 0 && (ret = dbp->get_type(dbp, &got)) == 0 && got != DB_BTREE && got != DB_HEAP)
+        ret = EINVAL;
     if (ret != 0) {
         xd_error("storage: opening table %s: %s", name, db_strerror(ret));
         dbp->close(dbp, 0);
@@ -683,8 +709,19 @@ xd_db *xd_db_open(const char *name)
     }
     t = &store.tables[store.ntables++];
     t->dbp = dbp;
+    t->heap = got == DB_HEAP;
     strcpy(t->name, name);
     return t;
+}
+
+xd_db *xd_db_open(const char *name)
+{
+    return open_table(name, DB_BTREE);
+}
+
+xd_db *xd_heap_open(const char *name)
+{
+    return open_table(name, DB_HEAP);
 }
 
 /* ---- transactions --------------------------------------------------------- */
@@ -800,10 +837,32 @@ static void read_end(xd_db *db, const xd_txn *txn, DB_TXN *t)
 
 static int check_args(const xd_db *db, const void *key, size_t klen)
 {
-    if (!db || !db->dbp || (!key && klen) || klen > UINT32_MAX) {
+    if (!db || !db->dbp || db->heap || (!key && klen) || klen > UINT32_MAX) {
         xd_error("storage: invalid arguments");
         return -1;
     }
+    return 0;
+}
+
+/* The end of a get: the value (malloc'd by BDB) handed out with the
+ * convenience NUL after it. */
+static int take_value(xd_db *db, int ret, DBT *v, void **val, size_t *vlen)
+{
+    char *out;
+
+    if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
+        return XD_NOTFOUND;
+    if (ret != 0)
+        return report(db, "get", ret);
+    if (!(out = realloc(v->data, (size_t)v->size + 1))) {
+        free(v->data);
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    out[v->size] = '\0';
+    *val = out;
+    if (vlen)
+        *vlen = v->size;
     return 0;
 }
 
@@ -811,7 +870,6 @@ int xd_db_get(xd_db *db, xd_txn *txn, const void *key, size_t klen, void **val, 
 {
     DB_TXN *t;
     DBT k, v;
-    char *out;
     int ret;
 
     *val = NULL;
@@ -826,21 +884,7 @@ int xd_db_get(xd_db *db, xd_txn *txn, const void *key, size_t klen, void **val, 
     v.flags = DB_DBT_MALLOC;
     ret = db->dbp->get(db->dbp, t, &k, &v, 0);
     read_end(db, txn, t);
-    if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
-        return XD_NOTFOUND;
-    if (ret != 0)
-        return report(db, "get", ret);
-    /* Room for the convenience NUL; BDB allocated v.data with malloc. */
-    if (!(out = realloc(v.data, (size_t)v.size + 1))) {
-        free(v.data);
-        xd_error("storage: out of memory");
-        return -1;
-    }
-    out[v.size] = '\0';
-    *val = out;
-    if (vlen)
-        *vlen = v.size;
-    return 0;
+    return take_value(db, ret, &v, val, vlen);
 }
 
 int xd_db_put(xd_db *db, xd_txn *txn, const void *key, size_t klen, const void *val, size_t vlen)
@@ -1190,8 +1234,8 @@ int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen)
             continue;
         memcpy(name, e->d_name, len - 3);
         name[len - 3] = '\0';
-        if (!valid_table_name(name) || !(t = xd_db_open(name)))
-            continue;
+        if (!valid_table_name(name) || !(t = open_table(name, DB_UNKNOWN)) || t->heap)
+            continue; /* heap tables have no user keys: their module cleans them */
         if (xd_db_foreach(t, txn, prefix, plen, collect_key, &l) < 0)
             rc = -1;
         for (size_t i = 0; i < l.n; i++) {
@@ -1203,6 +1247,197 @@ int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen)
         free(l.len);
     }
     closedir(d);
+    return rc;
+}
+
+/* ---- heap tables ------------------------------------------------------------- */
+
+/* A record's place (page, slot) as one number; never 0 (page 0 is the
+ * table's meta page). */
+static uint64_t rid_pack(const DB_HEAP_RID *r)
+{
+    return (uint64_t)r->pgno << 16 | r->indx;
+}
+
+static void rid_unpack(uint64_t id, DB_HEAP_RID *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->pgno = (db_pgno_t)(id >> 16);
+    r->indx = (db_indx_t)(id & 0xffff);
+}
+
+static int check_heap(const xd_db *db)
+{
+    if (!db || !db->dbp || !db->heap) {
+        xd_error("storage: not a heap table");
+        return -1;
+    }
+    return 0;
+}
+
+int xd_heap_add(xd_db *db, xd_txn *txn, const void *val, size_t vlen, uint64_t *id)
+{
+    DB_HEAP_RID rid;
+    DBT k, v;
+    int ret;
+
+    if (check_heap(db) != 0 || !id || (!val && vlen) || vlen > UINT32_MAX)
+        return -1;
+    memset(&k, 0, sizeof(k));
+    k.data = &rid;
+    k.ulen = sizeof(rid);
+    k.flags = DB_DBT_USERMEM;
+    set_dbt(&v, val, vlen);
+    if ((ret = db->dbp->put(db->dbp, raw_txn(txn), &k, &v, DB_APPEND | write_flags(txn))) != 0)
+        return report(db, "put", ret);
+    *id = rid_pack(&rid);
+    if (!txn)
+        note_commit();
+    return 0;
+}
+
+int xd_heap_get(xd_db *db, xd_txn *txn, uint64_t id, void **val, size_t *vlen)
+{
+    DB_HEAP_RID rid;
+    DB_TXN *t;
+    DBT k, v;
+    int ret;
+
+    *val = NULL;
+    if (vlen)
+        *vlen = 0;
+    if (check_heap(db) != 0 || read_begin(db, txn, &t) != 0)
+        return -1;
+    rid_unpack(id, &rid);
+    set_dbt(&k, &rid, sizeof(rid));
+    memset(&v, 0, sizeof(v));
+    v.flags = DB_DBT_MALLOC;
+    ret = db->dbp->get(db->dbp, t, &k, &v, 0);
+    read_end(db, txn, t);
+    return take_value(db, ret, &v, val, vlen);
+}
+
+int xd_heap_del(xd_db *db, xd_txn *txn, uint64_t id)
+{
+    DB_HEAP_RID rid;
+    DBT k;
+    int ret;
+
+    if (check_heap(db) != 0)
+        return -1;
+    rid_unpack(id, &rid);
+    set_dbt(&k, &rid, sizeof(rid));
+    ret = db->dbp->del(db->dbp, raw_txn(txn), &k, write_flags(txn));
+    if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
+        return XD_NOTFOUND;
+    if (ret != 0)
+        return report(db, "del", ret);
+    if (!txn)
+        note_commit();
+    return 0;
+}
+
+/* Slots of a page probed when the record a scan stopped at is gone. */
+#define HEAP_PROBE_SLOTS 1024
+
+/* Position c at the first record at or after *at, probing slot by slot (a
+ * heap cursor has no "at or after"); up to the last page. */
+static int heap_seek(DB *dbp, DBC *c, DB_HEAP_RID *at, DBT *k, DBT *v, db_pgno_t last)
+{
+    for (; at->pgno <= last; at->pgno++, at->indx = 0) {
+        for (; at->indx < HEAP_PROBE_SLOTS; at->indx++) {
+            int ret = c->get(c, k, v, DB_SET);
+            if (ret != DB_NOTFOUND && ret != DB_KEYEMPTY)
+                return ret;
+        }
+    }
+    (void)dbp;
+    return DB_NOTFOUND;
+}
+
+int xd_heap_scan(xd_db *db, uint64_t *pos, size_t max, xd_heap_visit_fn fn, void *data)
+{
+    struct batch *b;
+    DB_HEAP_RID rid;
+    DB_HEAP_STAT *st = NULL;
+    db_pgno_t last;
+    DB_TXN *t;
+    DBC *c;
+    DBT k, v;
+    int ret, cret, oom = 0, rc = 0;
+    size_t seen = 0;
+
+    if (check_heap(db) != 0 || !pos || !fn)
+        return -1;
+    if (!(b = malloc(sizeof(*b)))) {
+        xd_error("storage: out of memory");
+        return -1;
+    }
+    if ((ret = db->dbp->stat(db->dbp, NULL, &st, DB_FAST_STAT)) != 0) {
+        free(b);
+        return report(db, "stat", ret);
+    }
+    last = st->heap_pagecnt;
+    free(st);
+    while (seen < max && rc == 0) {
+        b->n = 0;
+        b->more = 0;
+        if (read_begin(db, NULL, &t) != 0) {
+            rc = -1;
+            break;
+        }
+        if ((ret = db->dbp->cursor(db->dbp, t, &c, 0)) != 0) {
+            read_end(db, NULL, t);
+            rc = report(db, "cursor", ret);
+            break;
+        }
+        memset(&k, 0, sizeof(k));
+        k.data = &rid;
+        k.size = k.ulen = sizeof(rid);
+        k.flags = DB_DBT_USERMEM;
+        memset(&v, 0, sizeof(v));
+        if (*pos == 0) {
+            ret = c->get(c, &k, &v, DB_FIRST);
+        } else {
+            /* just after the last record visited: it, then the next */
+            rid_unpack(*pos, &rid);
+            ret = c->get(c, &k, &v, DB_SET);
+            if (ret == 0)
+                ret = c->get(c, &k, &v, DB_NEXT);
+            else if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
+                ret = heap_seek(db->dbp, c, &rid, &k, &v, last);
+        }
+        while (ret == 0) {
+            if (batch_add(b, &k, &v) != 0) {
+                oom = 1;
+                break;
+            }
+            if (b->n == FOREACH_BATCH || seen + (size_t)b->n >= max) {
+                b->more = 1;
+                break;
+            }
+            ret = c->get(c, &k, &v, DB_NEXT);
+        }
+        if ((cret = c->close(c)) != 0 && (ret == 0 || ret == DB_NOTFOUND))
+            ret = cret;
+        read_end(db, NULL, t);
+        if (oom || (ret != 0 && ret != DB_NOTFOUND)) {
+            batch_free(b);
+            rc = oom ? -1 : report(db, "heap scan", ret);
+            break;
+        }
+        for (int i = 0; i < b->n && rc == 0; i++) {
+            DB_HEAP_RID r;
+            memcpy(&r, b->r[i].key, sizeof(r));
+            *pos = rid_pack(&r);
+            rc = fn(*pos, b->r[i].val, b->r[i].vlen, data);
+        }
+        seen += (size_t)b->n;
+        if (!b->more && rc == 0)
+            rc = XD_NOTFOUND; /* the end */
+        batch_free(b);
+    }
+    free(b);
     return rc;
 }
 

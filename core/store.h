@@ -24,6 +24,8 @@ int xd_store_start_flusher(struct ev_loop *loop, xd_store_fail_fn on_failure);
 void xd_store_flush(void);
 /* Log flushes done by the flusher so far (statistics). */
 unsigned long xd_store_flush_count(void);
+/* Bytes written to the log since the store opened (statistics). */
+unsigned long long xd_store_log_bytes(void);
 /* Delete every record keyed with prefix, in every table (account removal). */
 int xd_store_purge_prefix(xd_txn *txn, const void *prefix, size_t plen);
 

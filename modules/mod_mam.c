@@ -53,20 +53,43 @@
  * ids lookup (XEP-0313 4.1.1 'ids' field), archive queries of MUC rooms.
  *
  * Storage (Berkeley DB, one transaction per archived message):
- *   mam       "user@domain\0" + 8-byte big-endian sequence
+ *   mam       "user@domain\0" + 8-byte big-endian archive id
  *               -> version byte, 8-byte time (Unix microseconds),
  *                  direction byte ('i' or 'o'), 2-byte length + the other
- *                  party's prepared JID (full when it had a resource),
- *                  the stanza's XML text
+ *                  party's prepared JID (full when it had a resource), then
+ *                  version 2: the 8-byte id of the body in mam_body and the
+ *                  4-byte length of its XML;
+ *                  version 1 (earlier versions; still read): the XML itself
+ *   mam_body  (a heap table) -> version byte, owner count byte (1 or 2),
+ *               each owner as 2-byte length + "user@domain\0" + the 8-byte
+ *               archive id of its record, then the stanza's XML text
  *   mam_prefs "user@domain\0" -> version byte, default ('a', 'n', 'r'),
  *               then entries: 'A' or 'N', prepared JID, NUL
- * The archive id is the sequence as 16 hex digits.  A user's first sequence
- * is the current time in microseconds, so ids are not reused if an account
- * is deleted (the core purges every "user\0" key) and created again.  The
+ *             SWEEP_KEY -> the core's count of removed accounts at the last
+ *               sweep (below)
+ * A message between two local users is stored once: the sender's hook
+ * stores the body with both as owners, naming the id the recipient's record
+ * will have (its archive's next id), and leaves it in `memo`; the
+ * recipient's hook finds the same XML there and adds only its record (if its
+ * next id moved meanwhile, it stores a body of its own).  Small records and a
+ * heap that only appends write less than half of what two B-tree records
+ * with the XML each did (log and pages; bench/compare.py: disk B/msg).  A
+ * body goes when no owner's record points to it any more: when a record is
+ * pruned, and for every record of an account that is removed
+ * (XD_HOOK_ACCOUNT_REMOVED).  An account removed while the server was
+ * stopped (xmppctl) leaves bodies nobody points to: at the next start the
+ * core's count of removed accounts (xd_account_removals) differs from the
+ * one stored at the last sweep, and a sweep of the heap, SWEEP_BATCH bodies
+ * per SWEEP_EVERY seconds, deletes them.
+ * The archive id is the sequence as 16 hex digits; a user's ids follow each
+ * other.  A new archive starts at the clock in microseconds times 256, and at
+ * least START_GAP past the last archive started in this process, so ids are
+ * not reused if an account is deleted (the core purges every "user\0" key)
+ * and created again, and archives made together do not share ids.  The
  * next and oldest sequence and the last time come from the archive's last
  * and first records (read once, then kept in memory), so an archived message
- * costs one record write; the mam_meta table of earlier versions is no
- * longer read or written (it leaves with each account).
+ * costs one record write (and the body); the mam_meta table of earlier
+ * versions is no longer read or written (it leaves with each account).
  * Timestamps are made strictly increasing per user, so start/end filters
  * follow archive order.  Retention (`max_messages_per_user`, `max_age_days`)
  * removes the oldest records on insert, at most PRUNE_MAX per insert; a
@@ -91,8 +114,17 @@
 #define NS_OMEMO_LEGACY "eu.siacs.conversations.axolotl"
 #define NS_OMEMO "urn:xmpp:omemo:2"
 
-#define RECORD_VERSION 1
+#define RECORD_INLINE 1 /* the XML in the record (written by earlier versions) */
+#define RECORD_REF 2    /* the XML in mam_body */
 #define RECORD_FIXED 12 /* version + time + direction + with length */
+#define REF_TAIL 12     /* RECORD_REF: body id + XML length, after the JID */
+#define BODY_VERSION 1
+#define BODY_FIXED 2 /* version + owner count */
+#define START_SHIFT 8       /* a new archive's first id: the clock in us, times 256 */
+#define START_GAP 65536ull  /* at least this far from the last archive started */
+#define SWEEP_KEY "\0sweep" /* in mam_prefs: the removals count at the last sweep */
+#define SWEEP_BATCH 2000      /* bodies per sweep step */
+#define SWEEP_EVERY 0.05      /* seconds between sweep steps */
 #define PREFS_VERSION 1
 #define SEQ_LEN 8
 #define ID_LEN 16
@@ -103,10 +135,26 @@
 #define PREFS_MAX_JIDS 500
 #define US_PER_DAY (86400LL * 1000000LL)
 
+/* The body the sender's hook just stored for a local recipient, so the
+ * recipient's hook can point to it rather than store the same XML again. */
+typedef struct memo {
+    char *text; /* the XML, from xmpp_stanza_to_text */
+    size_t tlen;
+    uint64_t body;
+    unsigned long long seq;         /* the id the recipient's record needs */
+    char owner[XD_JID_STR_MAX + 1]; /* the recipient's key prefix */
+} memo;
+
 typedef struct mam {
     xd_module *m;
     xd_db *arch;
     xd_db *prefs;
+    xd_db *bodies;
+    memo memo;
+    unsigned long long next_start; /* no new archive starts below this */
+    xd_timer *sweep_timer;
+    uint64_t sweep_pos;
+    unsigned long long sweep_removals; /* the count the running sweep will record */
     long long max_msgs;
     long long max_age_days;
     long long max_page;
@@ -679,6 +727,30 @@ prefs_set(mam *a, xd_event *ev, xmpp_stanza_t *el, const char *prefix, size_t pl
 
 /* The sequence number of an archive key (prefix + SEQ_LEN bytes). */
 static int
+record_known(const void *v)
+{
+    unsigned char ver = *(const unsigned char *)v;
+    return ver == RECORD_INLINE || ver == RECORD_REF;
+}
+
+/* A RECORD_REF record's body id and XML length; 0, or -1 if it is not one. */
+static int
+record_ref(const unsigned char *v, size_t vlen, uint64_t *body, size_t *tlen)
+{
+    size_t wlen;
+
+    if (vlen < RECORD_FIXED || v[0] != RECORD_REF)
+        return -1;
+    wlen = (size_t)xd_db_get_be(v + 10, 2);
+    if (vlen != RECORD_FIXED + wlen + REF_TAIL)
+        return -1;
+    *body = xd_db_get_be(v + RECORD_FIXED + wlen, 8);
+    if (tlen)
+        *tlen = (size_t)xd_db_get_be(v + RECORD_FIXED + wlen + 8, 4);
+    return 0;
+}
+
+static int
 key_seq(const void *key, size_t klen, size_t plen, unsigned long long *seq)
 {
     if (klen != plen + SEQ_LEN)
@@ -708,8 +780,12 @@ meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
     }
     memset(mt, 0, sizeof(*mt));
     r = xd_db_last(a->arch, txn, prefix, plen, &k, &kl, &v, &vl);
-    if (r == XD_NOTFOUND) { /* a new archive: ids start at the clock (see the header) */
-        mt->next_seq = mt->oldest_seq = (unsigned long long)now_us();
+    if (r == XD_NOTFOUND) { /* a new archive: its ids start at the clock (see the header) */
+        unsigned long long start = (unsigned long long)now_us() << START_SHIFT;
+        if (start < a->next_start)
+            start = a->next_start;
+        a->next_start = start + START_GAP;
+        mt->next_seq = mt->oldest_seq = start;
         return 0;
     }
     if (r != 0 || key_seq(k, kl, plen, &seq) != 0) {
@@ -718,7 +794,7 @@ meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
         return -1;
     }
     mt->next_seq = seq + 1;
-    if (vl >= RECORD_FIXED && ((unsigned char *)v)[0] == RECORD_VERSION)
+    if (vl >= RECORD_FIXED && record_known(v))
         mt->last_time = (long long)xd_db_get_be((unsigned char *)v + 1, 8);
     free(k);
     free(v);
@@ -734,6 +810,139 @@ meta_load(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt)
     return 0;
 }
 
+/* The owners of a body: (key prefix, archive id) pairs. */
+typedef struct owner {
+    const unsigned char *prefix; /* with its NUL */
+    size_t plen;
+    unsigned long long seq;
+} owner;
+
+/* Parse a body: up to 2 owners into o (*n of them) and the XML.  0 or -1. */
+static int
+body_parse(const unsigned char *b, size_t blen, owner o[2], int *n, const char **text,
+           size_t *tlen)
+{
+    size_t pos = BODY_FIXED;
+
+    if (blen < BODY_FIXED || b[0] != BODY_VERSION || b[1] < 1 || b[1] > 2)
+        return -1;
+    *n = b[1];
+    for (int i = 0; i < *n; i++) {
+        size_t olen;
+        if (pos + 2 > blen || (olen = (size_t)xd_db_get_be(b + pos, 2)) < 2 ||
+            olen > XD_JID_STR_MAX + 1 || pos + 2 + olen + SEQ_LEN > blen ||
+            b[pos + 2 + olen - 1] != '\0')
+            return -1;
+        o[i] = (owner){b + pos + 2, olen, xd_db_get_be(b + pos + 2 + olen, SEQ_LEN)};
+        pos += 2 + olen + SEQ_LEN;
+    }
+    if (pos >= blen)
+        return -1;
+    *text = (const char *)b + pos;
+    *tlen = blen - pos;
+    return 0;
+}
+
+/* The XML a record holds or points to: *text into *buf (free it), or -1. */
+static int
+record_text(mam *a, const unsigned char *v, size_t vlen, const char **text, size_t *tlen,
+            void **buf)
+{
+    uint64_t body;
+    size_t blen;
+    owner o[2];
+    int n;
+
+    *buf = NULL;
+    if (vlen >= RECORD_FIXED && v[0] == RECORD_INLINE) {
+        size_t wlen = (size_t)xd_db_get_be(v + 10, 2);
+        if (RECORD_FIXED + wlen >= vlen)
+            return -1;
+        *text = (const char *)v + RECORD_FIXED + wlen;
+        *tlen = vlen - RECORD_FIXED - wlen;
+        return 0;
+    }
+    if (record_ref(v, vlen, &body, NULL) != 0 ||
+        xd_heap_get(a->bodies, NULL, body, buf, &blen) != 0)
+        return -1;
+    return body_parse(*buf, blen, o, &n, text, tlen);
+}
+
+/* Does the owner's record still point to body?  1, 0, -1. */
+static int
+owner_points(mam *a, xd_txn *txn, const owner *o, uint64_t body)
+{
+    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
+    void *v = NULL;
+    size_t vlen;
+    uint64_t other;
+    int r;
+
+    memcpy(key, o->prefix, o->plen);
+    xd_db_put_be(key + o->plen, o->seq, SEQ_LEN);
+    r = xd_db_get(a->arch, txn, key, o->plen + SEQ_LEN, &v, &vlen);
+    if (r == 0)
+        r = record_ref(v, vlen, &other, NULL) == 0 && other == body;
+    else
+        r = r == XD_NOTFOUND ? 0 : -1;
+    free(v);
+    return r;
+}
+
+/* The record (prefix, seq) pointing to body is gone, or about to be: delete
+ * the body unless another owner's record still points to it.  0 or -1. */
+static int
+body_release(mam *a, xd_txn *txn, uint64_t body, const unsigned char *prefix, size_t plen,
+             unsigned long long seq)
+{
+    unsigned char *b = NULL;
+    size_t blen, tlen;
+    const char *text;
+    owner o[2];
+    int n, r, kept = 0, mine = 0;
+
+    if ((r = xd_heap_get(a->bodies, txn, body, (void **)&b, &blen)) != 0)
+        return r == XD_NOTFOUND ? 0 : -1;
+    if (body_parse(b, blen, o, &n, &text, &tlen) != 0) {
+        free(b);
+        xd_error("mam: body %llu is unreadable; kept", (unsigned long long)body);
+        return 0;
+    }
+    for (int i = 0; i < n && !kept; i++) {
+        if (o[i].plen == plen && !memcmp(o[i].prefix, prefix, plen) && o[i].seq == seq) {
+            mine = 1;
+            continue;
+        }
+        if ((r = owner_points(a, txn, &o[i], body)) < 0) {
+            free(b);
+            return -1;
+        }
+        kept = r;
+    }
+    free(b);
+    if (kept || !mine)
+        return 0; /* still used, or not the body this record named */
+    if (xd_heap_del(a->bodies, txn, body) < 0)
+        return -1;
+    xd_count(a->m, "bodies_deleted", 1);
+    return 0;
+}
+
+/* Delete one record (key = prefix + id) and release its body.  0, XD_NOTFOUND, -1. */
+static int
+record_delete(mam *a, xd_txn *txn, const unsigned char *key, size_t plen,
+              const unsigned char *v, size_t vlen)
+{
+    uint64_t body;
+    int r;
+
+    if ((r = xd_db_del(a->arch, txn, key, plen + SEQ_LEN)) != 0)
+        return r;
+    if (v && record_ref(v, vlen, &body, NULL) == 0)
+        return body_release(a, txn, body, key, plen, xd_db_get_be(key + plen, SEQ_LEN));
+    return 0;
+}
+
 /* Retention: drop the oldest records over the count or age limit, a bounded
  * number per insert; `keep` (the new record) is never dropped. */
 static int
@@ -745,69 +954,136 @@ prune(mam *a, xd_txn *txn, const char *prefix, size_t plen, meta *mt, unsigned l
     memcpy(key, prefix, plen);
     for (int n = 0; n < PRUNE_MAX && mt->oldest_seq < keep; n++) {
         unsigned long long count = mt->next_seq - mt->oldest_seq;
+        void *val = NULL;
+        size_t vlen = 0;
         int r;
+
+        if ((long long)count <= a->max_msgs && !cutoff)
+            break;
         xd_db_put_be(key + plen, mt->oldest_seq, SEQ_LEN);
+        r = xd_db_get(a->arch, txn, key, plen + SEQ_LEN, &val, &vlen);
+        if (r < 0)
+            return -1;
         if ((long long)count <= a->max_msgs) {
-            void *val = NULL;
-            size_t vlen = 0;
-            long long t;
-            if (!cutoff)
+            long long t = r == 0 && vlen >= RECORD_FIXED
+                              ? (long long)xd_db_get_be((unsigned char *)val + 1, 8)
+                              : 0;
+            if (r == 0 && t >= cutoff) {
+                free(val);
                 break;
-            r = xd_db_get(a->arch, txn, key, plen + SEQ_LEN, &val, &vlen);
-            if (r < 0)
-                return -1;
-            t = r == 0 && vlen >= RECORD_FIXED ? (long long)xd_db_get_be((unsigned char *)val + 1, 8) : 0;
-            free(val);
-            if (r == 0 && t >= cutoff)
-                break;
+            }
         }
-        if ((r = xd_db_del(a->arch, txn, key, plen + SEQ_LEN)) < 0)
+        r = r == 0 ? record_delete(a, txn, key, plen, val, vlen) : 0;
+        free(val);
+        if (r < 0)
             return -1;
         mt->oldest_seq++;
     }
     return 0;
 }
 
-/* Store st in the user's archive.  0 and *seq_out, or -1. */
+/* The body record: version, owner count, owners, then the XML. */
+static unsigned char *
+body_record(const owner *o, int n, const char *text, size_t tlen, size_t *len)
+{
+    size_t size = BODY_FIXED + tlen, pos = BODY_FIXED;
+    unsigned char *b;
+
+    for (int i = 0; i < n; i++)
+        size += 2 + o[i].plen + SEQ_LEN;
+    if (!(b = malloc(size)))
+        return NULL;
+    b[0] = BODY_VERSION;
+    b[1] = (unsigned char)n;
+    for (int i = 0; i < n; i++) {
+        xd_db_put_be(b + pos, o[i].plen, 2);
+        memcpy(b + pos + 2, o[i].prefix, o[i].plen);
+        xd_db_put_be(b + pos + 2 + o[i].plen, o[i].seq, SEQ_LEN);
+        pos += 2 + o[i].plen + SEQ_LEN;
+    }
+    memcpy(b + pos, text, tlen);
+    *len = size;
+    return b;
+}
+
+/*
+ * Store the XML text in the user's archive: one transaction with the record,
+ * and the body unless *body names one already (a shared body, which
+ * expects this archive's next id to be `want`; if it is not, a body of its
+ * own is stored instead).  `other` is a second owner for a new body (a local
+ * recipient); *other_seq is then the id its record will need.  0 with
+ * *seq_out and *body, or -1.
+ */
 static int
 archive_store(mam *a, const char *prefix, size_t plen, char dir, const char *with,
-              xmpp_stanza_t *st, unsigned long long *seq_out)
+              const char *text, size_t tlen, const char *other, unsigned long long *other_seq,
+              unsigned long long want, uint64_t *body, unsigned long long *seq_out)
 {
-    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN];
-    size_t wlen = strlen(with), tlen = 0, rlen;
-    unsigned char *rec;
-    char *text = NULL;
+    unsigned char key[XD_JID_STR_MAX + 1 + SEQ_LEN], *rec = NULL, *brec = NULL;
+    size_t wlen = strlen(with), rlen, blen;
     xd_txn *txn = NULL;
     meta mt;
     long long t;
 
-    if (wlen > 0xffff || xmpp_stanza_to_text(st, &text, &tlen) != XMPP_EOK || !text)
+    if (wlen > 0xffff || tlen > 0xffffffffu)
         return -1;
-    rlen = RECORD_FIXED + wlen + tlen;
-    if (rlen > RECORD_MAX_BYTES) {
-        xd_info("mam: %s: a %zu byte message is over the archive's record limit", prefix, rlen);
-        xmpp_free(xd_ctx(), text);
-        return -1;
-    }
-    if (!(rec = malloc(rlen))) {
-        xmpp_free(xd_ctx(), text);
+    rlen = RECORD_FIXED + wlen + REF_TAIL;
+    if (RECORD_FIXED + wlen + tlen > RECORD_MAX_BYTES) {
+        xd_info("mam: %s: a %zu byte message is over the archive's record limit", prefix, tlen);
         return -1;
     }
-    memcpy(rec + RECORD_FIXED + wlen, text, tlen);
-    xmpp_free(xd_ctx(), text);
-
+    if (!(rec = malloc(rlen)))
+        return -1;
     if (xd_txn_begin(&txn) != 0)
         goto fail;
     if (meta_load(a, txn, prefix, plen, &mt) != 0)
         goto abort;
+    if (*body && want != mt.next_seq)
+        *body = 0; /* not the id the body expects: a body of our own */
+    if (*body) { /* still there, and still naming this record */
+        void *v = NULL;
+        size_t vlen = 0, xlen;
+        const char *x;
+        owner o[2];
+        int n, r = xd_heap_get(a->bodies, txn, *body, &v, &vlen), named = 0;
+        if (r < 0)
+            goto abort;
+        if (r == 0 && body_parse(v, vlen, o, &n, &x, &xlen) == 0)
+            for (int i = 0; i < n; i++)
+                named |= o[i].plen == plen && !memcmp(o[i].prefix, prefix, plen) &&
+                         o[i].seq == want;
+        free(v);
+        if (!named)
+            *body = 0;
+    }
+    if (!*body) {
+        owner o[2] = {{(const unsigned char *)prefix, plen, mt.next_seq}};
+        meta om;
+        int n = 1;
+        if (other && meta_load(a, txn, other, strlen(other) + 1, &om) == 0) {
+            ucache *u = cache_entry(a, other); /* so its hook finds the same next id */
+            if (u && !u->have_meta) {
+                u->mt = om;
+                u->have_meta = 1;
+            }
+            o[n++] = (owner){(const unsigned char *)other, strlen(other) + 1, om.next_seq};
+            *other_seq = om.next_seq;
+        }
+        if (!(brec = body_record(o, n, text, tlen, &blen)) ||
+            xd_heap_add(a->bodies, txn, brec, blen, body) != 0)
+            goto abort;
+        xd_count(a->m, "bodies_added", 1);
+    }
     t = now_us();
     if (t <= mt.last_time)
         t = mt.last_time + 1; /* strictly increasing: time order is archive order */
-    rec[0] = RECORD_VERSION;
+    rec[0] = RECORD_REF;
     xd_db_put_be(rec + 1, (unsigned long long)t, 8);
     rec[9] = (unsigned char)dir;
     xd_db_put_be(rec + 10, wlen, 2);
     memcpy(rec + RECORD_FIXED, with, wlen);
+    xd_db_put_be(rec + RECORD_FIXED + wlen, *body, 8);
+    xd_db_put_be(rec + RECORD_FIXED + wlen + 8, tlen, 4);
     memcpy(key, prefix, plen);
     xd_db_put_be(key + plen, mt.next_seq, SEQ_LEN);
     *seq_out = mt.next_seq;
@@ -817,7 +1093,8 @@ archive_store(mam *a, const char *prefix, size_t plen, char dir, const char *wit
         prune(a, txn, prefix, plen, &mt, *seq_out) != 0)
         goto abort;
     free(rec);
-    rec = NULL;
+    free(brec);
+    rec = brec = NULL;
     /* committed before the hook returns (durable before anything says so) */
     if (xd_txn_commit(txn) != 0)
         goto fail;
@@ -834,26 +1111,42 @@ abort:
     xd_txn_abort(txn);
 fail:
     free(rec);
+    free(brec);
+    *body = 0;
     cache_drop(a, prefix); /* read it again from what was committed */
+    if (other)
+        cache_drop(a, other);
     xd_error("mam: %s: could not archive a message", prefix);
     return -1;
+}
+
+static void
+memo_clear(mam *a)
+{
+    if (a->memo.text)
+        xmpp_free(xd_ctx(), a->memo.text);
+    memset(&a->memo, 0, sizeof(a->memo));
 }
 
 /*
  * XD_HOOK_C2S_STANZA: the user's outgoing message, into the sender's archive.
  * The most expensive hook on the message path: about 44,000 instructions
  * (callgrind, sample config): the serialization 13,000, one transaction with
- * one record write 29,000 (the preferences and the archive state come from
- * memory).  The commit does not wait for the disk.
+ * the record and the body 29,000 (the preferences and the archive state come
+ * from memory).  The commit does not wait for the disk.  For a local
+ * recipient the body is stored for both (see `memo`).
  */
 static int
 mam_outgoing(xd_event *ev, void *data)
 {
     mam *a = data;
-    char prefix[XD_JID_STR_MAX + 1], with[XD_JID_STR_MAX];
-    size_t plen;
-    unsigned long long seq;
-    xd_jid bare;
+    char prefix[XD_JID_STR_MAX + 1], with[XD_JID_STR_MAX], other[XD_JID_STR_MAX + 1];
+    size_t plen, tlen = 0;
+    unsigned long long seq, other_seq = 0;
+    uint64_t body = 0;
+    char *text = NULL;
+    int local;
+    xd_jid bare, to;
 
     if (!ev->stanza || !ev->from || !ev->to || !archivable(ev->stanza))
         return XD_PASS;
@@ -865,8 +1158,22 @@ mam_outgoing(xd_event *ev, void *data)
     if (!(plen = xd_db_user_prefix(&bare, prefix, sizeof(prefix))) ||
         xd_jid_format(ev->to, ev->to->resource[0] != '\0', with, sizeof(with)) < 0)
         return XD_PASS;
-    if (prefs_allow(a, &bare, prefix, plen, with))
-        archive_store(a, prefix, plen, 'o', with, ev->stanza, &seq);
+    if (!prefs_allow(a, &bare, prefix, plen, with))
+        return XD_PASS;
+    if (xmpp_stanza_to_text(ev->stanza, &text, &tlen) != XMPP_EOK || !text)
+        return XD_PASS;
+    to = *ev->to;
+    xd_jid_to_bare(&to);
+    local = to.local[0] && xd_is_local_host(to.domain) &&
+            xd_db_user_prefix(&to, other, sizeof(other)) > 0;
+    if (archive_store(a, prefix, plen, 'o', with, text, tlen, local ? other : NULL, &other_seq,
+                      0, &body, &seq) == 0 && local && other_seq) {
+        memo_clear(a);
+        a->memo = (memo){text, tlen, body, other_seq, ""};
+        memcpy(a->memo.owner, other, strlen(other) + 1);
+        return XD_PASS; /* the memo has the text now */
+    }
+    xmpp_free(xd_ctx(), text);
     return XD_PASS; /* archiving never stops a message */
 }
 
@@ -879,17 +1186,22 @@ any_session(xd_session *s, void *data)
 }
 
 /* XD_HOOK_DELIVER_LOCAL: a message for a local user, into the recipient's archive.
- * About 48,000 instructions, as mam_outgoing plus the stanza-id. */
+ * About 48,000 instructions, as mam_outgoing plus the stanza-id; for a
+ * message from a local user, whose body the sender's hook stored, the
+ * serialization and one small record. */
 static int
 mam_incoming(xd_event *ev, void *data)
 {
     mam *a = data;
     xmpp_stanza_t *st = ev->stanza;
     char prefix[XD_JID_STR_MAX + 1], with[XD_JID_STR_MAX], id[ID_LEN + 1];
-    size_t plen;
-    unsigned long long seq;
+    size_t plen, tlen = 0;
+    unsigned long long seq, want = 0;
+    uint64_t body = 0;
+    char *text = NULL;
     xmpp_stanza_t *sid;
     xd_jid bare;
+    int r;
 
     if (!st || !ev->to || !ev->to->local[0] || !name_is(st, "message"))
         return XD_PASS;
@@ -913,7 +1225,18 @@ mam_incoming(xd_event *ev, void *data)
     if (xd_user_sessions(&bare, any_session, NULL) == 0 && xd_account_exists(&bare) != 1)
         return XD_PASS;
     if (!prefs_allow(a, &bare, prefix, plen, with) ||
-        archive_store(a, prefix, plen, 'i', with, st, &seq) != 0)
+        xmpp_stanza_to_text(st, &text, &tlen) != XMPP_EOK || !text)
+        return XD_PASS;
+    /* the sender's hook stored this very XML for us too? */
+    if (a->memo.text && a->memo.tlen == tlen && !strcmp(a->memo.owner, prefix) &&
+        !memcmp(a->memo.text, text, tlen)) {
+        body = a->memo.body;
+        want = a->memo.seq;
+    }
+    memo_clear(a);
+    r = archive_store(a, prefix, plen, 'i', with, text, tlen, NULL, NULL, want, &body, &seq);
+    xmpp_free(xd_ctx(), text);
+    if (r != 0)
         return XD_PASS;
     /* XEP-0359 3: tell the recipient the id it will find in its archive */
     seq_to_id(seq, id);
@@ -961,7 +1284,7 @@ record_matches(const filter *f, const unsigned char *v, size_t vlen)
     size_t wlen;
     const char *w;
 
-    if (vlen < RECORD_FIXED || v[0] != RECORD_VERSION)
+    if (vlen < RECORD_FIXED || !record_known(v))
         return 0;
     t = (long long)xd_db_get_be(v + 1, 8);
     wlen = (size_t)xd_db_get_be(v + 10, 2);
@@ -989,8 +1312,13 @@ scan_visit(const void *key, size_t klen, const void *val, size_t vlen, void *dat
     scan *s = data;
     unsigned long long seq;
 
+    uint64_t body;
+    size_t tlen;
+
     if (klen != s->plen + SEQ_LEN || !record_matches(s->f, val, vlen))
         return 0;
+    if (record_ref(val, vlen, &body, &tlen) == 0)
+        vlen = tlen; /* the page's byte budget counts the XML */
     seq = xd_db_get_be((const unsigned char *)key + s->plen, SEQ_LEN);
     s->total++;
     if (s->has_after && seq <= s->after) {
@@ -1105,21 +1433,27 @@ rsm_text(xmpp_stanza_t *set, const char *name, int *present)
     return t;
 }
 
-/* One <message><result><forwarded><delay/><message/>... for the requester. */
+/* One <message><result><forwarded><delay/><message/>... for the requester:
+ * the stored record v and the XML it holds or points to. */
 static xmpp_stanza_t *
-result_message(const char *to, const char *from, const char *queryid, unsigned long long seq,
-               const unsigned char *v, size_t vlen)
+result_message(mam *a, const char *to, const char *from, const char *queryid,
+               unsigned long long seq, const unsigned char *v, size_t vlen)
 {
     char id[ID_LEN + 1], stamp[40];
-    size_t wlen = vlen >= RECORD_FIXED ? (size_t)xd_db_get_be(v + 10, 2) : 0;
-    size_t tlen = vlen >= RECORD_FIXED + wlen ? vlen - RECORD_FIXED - wlen : 0;
+    const char *xml = NULL;
+    size_t tlen = 0;
+    void *buf = NULL;
     char *text;
     xmpp_stanza_t *inner, *msg, *res, *fwd, *delay;
 
-    if (!tlen || v[0] != RECORD_VERSION || !(text = malloc(tlen + 1)))
+    if (record_text(a, v, vlen, &xml, &tlen, &buf) != 0 || !tlen || !(text = malloc(tlen + 1))) {
+        free(buf);
+        xd_error("mam: %s: archived message %016llx is unreadable; left out", from, seq);
         return NULL;
-    memcpy(text, v + RECORD_FIXED + wlen, tlen);
+    }
+    memcpy(text, xml, tlen);
     text[tlen] = '\0';
+    free(buf);
     inner = xd_stanza_parse(text, strlen(text));
     free(text);
     if (!inner || !name_is(inner, "message")) {
@@ -1279,7 +1613,7 @@ query_run(mam *a, xd_event *ev, xmpp_stanza_t *query, const char *prefix, size_t
                 free(val);
                 continue;
             }
-            msg = result_message(requester, prefix, queryid, seq, val, vlen);
+            msg = result_message(a, requester, prefix, queryid, seq, val, vlen);
             free(val);
             if (msg && xd_session_send(ev->session, msg) != 0)
                 break; /* the requester is gone */
@@ -1387,16 +1721,153 @@ static const xd_setting mam_settings[] = {
     {NULL, 0},
 };
 
-/* XD_HOOK_ACCOUNT_REMOVED: the core purges the records; forget our copies. */
+typedef struct ref_list {
+    unsigned long long *seq;
+    uint64_t *body;
+    size_t n, cap;
+    int oom;
+} ref_list;
+
+static int
+collect_ref(const void *key, size_t klen, const void *val, size_t vlen, void *data)
+{
+    ref_list *l = data;
+    uint64_t body;
+
+    (void)klen;
+    if (record_ref(val, vlen, &body, NULL) != 0)
+        return 0;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        unsigned long long *s = realloc(l->seq, cap * sizeof(*s));
+        uint64_t *b = s ? realloc(l->body, cap * sizeof(*b)) : NULL;
+        if (s)
+            l->seq = s;
+        if (!b) {
+            l->oom = 1;
+            return 1;
+        }
+        l->body = b;
+        l->cap = cap;
+    }
+    l->seq[l->n] = xd_db_get_be((const unsigned char *)key + klen - SEQ_LEN, SEQ_LEN);
+    l->body[l->n++] = body;
+    return 0;
+}
+
+/*
+ * XD_HOOK_ACCOUNT_REMOVED: the core purges the records right after; the
+ * bodies only this account points to go now (those a local contact's
+ * archive shares stay), and our copies are forgotten.  One transaction;
+ * work in proportion to the archive (max_messages_per_user bounds it).
+ */
 static int
 mam_account_removed(xd_event *ev, void *data)
 {
     mam *a = data;
     char prefix[XD_JID_STR_MAX + 1];
+    size_t plen;
+    ref_list l = {0};
+    xd_txn *txn = NULL;
+    int r = 0;
 
-    if (xd_db_user_prefix(ev->from, prefix, sizeof(prefix)))
-        cache_drop(a, prefix);
+    if (!(plen = xd_db_user_prefix(ev->from, prefix, sizeof(prefix))))
+        return XD_PASS;
+    cache_drop(a, prefix);
+    if (!strcmp(a->memo.owner, prefix))
+        memo_clear(a);
+    if (xd_db_foreach(a->arch, NULL, prefix, plen, collect_ref, &l) < 0 || l.oom ||
+        xd_txn_begin(&txn) != 0) {
+        r = -1;
+    } else {
+        for (size_t i = 0; i < l.n && r == 0; i++)
+            r = body_release(a, txn, l.body[i], (const unsigned char *)prefix, plen, l.seq[i]);
+        if (r == 0)
+            r = xd_txn_commit(txn);
+        else
+            xd_txn_abort(txn);
+    }
+    if (r != 0) /* the sweep at the next start collects them */
+        xd_error("mam: %s: could not delete the archived bodies; they go at the next start",
+                 prefix);
+    free(l.seq);
+    free(l.body);
     return XD_PASS;
+}
+
+/* ---- the sweep: bodies nobody points to (accounts removed while stopped) ----------------- */
+
+static int
+sweep_visit(uint64_t id, const void *val, size_t vlen, void *data)
+{
+    mam *a = data;
+    const char *text;
+    size_t tlen;
+    owner o[2];
+    int n, r, used = 0;
+
+    if (body_parse(val, vlen, o, &n, &text, &tlen) != 0)
+        return 0; /* unreadable: kept, never deleted on a guess */
+    for (int i = 0; i < n && !used; i++) {
+        if ((r = owner_points(a, NULL, &o[i], id)) < 0)
+            return -1;
+        used = r;
+    }
+    if (!used) {
+        if (xd_heap_del(a->bodies, NULL, id) < 0)
+            return -1;
+        xd_count(a->m, "bodies_swept", 1);
+    }
+    return 0;
+}
+
+static void
+sweep_step(void *data)
+{
+    mam *a = data;
+    unsigned char v[8];
+    int r = xd_heap_scan(a->bodies, &a->sweep_pos, SWEEP_BATCH, sweep_visit, a);
+
+    if (r == 0)
+        return; /* more next time */
+    xd_timer_stop(a->sweep_timer);
+    a->sweep_timer = NULL;
+    if (r != XD_NOTFOUND) {
+        xd_error("mam: the sweep of unused bodies failed; it runs again at the next start");
+        return;
+    }
+    xd_db_put_be(v, a->sweep_removals, 8);
+    if (xd_db_put(a->prefs, NULL, SWEEP_KEY, sizeof(SWEEP_KEY) - 1, v, sizeof(v)) != 0)
+        xd_error("mam: could not record the sweep");
+    xd_info("mam: swept the archive's bodies");
+}
+
+/* Accounts were removed since the last sweep (without us): start one. */
+static int
+sweep_start(mam *a)
+{
+    unsigned long long removed, swept = 0;
+    void *v = NULL;
+    size_t vlen = 0;
+    int r;
+
+    if (xd_account_removals(&removed) != 0)
+        return -1;
+    r = xd_db_get(a->prefs, NULL, SWEEP_KEY, sizeof(SWEEP_KEY) - 1, &v, &vlen);
+    if (r == 0 && vlen == 8)
+        swept = xd_db_get_be(v, 8);
+    free(v);
+    if (r < 0)
+        return -1;
+    if (removed == swept)
+        return 0;
+    a->sweep_removals = removed;
+    a->sweep_pos = 0;
+    xd_info("mam: %llu account(s) removed since the last sweep; sweeping unused bodies",
+            removed - swept);
+    return (a->sweep_timer = xd_timer_start(a->m, SWEEP_EVERY, SWEEP_EVERY, sweep_step, a))
+               ? 0
+               : -1;
 }
 
 static int
@@ -1429,13 +1900,16 @@ mam_load(xd_module *m)
     xd_module_set_data(m, a);
 
     a->arch = xd_db_open("mam");
-    a->prefs = a->arch ? xd_db_open("mam_prefs") : NULL;
-    if (!a->prefs) {
+    if (!a->arch) {
         xd_debug("mam: storage not open, archiving disabled"); /* xmppd --check-config */
         return 0;
     }
+    if (!(a->prefs = xd_db_open("mam_prefs")) || !(a->bodies = xd_heap_open("mam_body")))
+        return -1; /* the store is open, these tables are not: fail closed */
     if (!(a->cache = xd_hashtab_new(1024)) ||
         !(a->cache_timer = xd_timer_start(m, CACHE_TTL, CACHE_TTL, cache_timer_cb, a)))
+        return -1;
+    if (sweep_start(a) != 0)
         return -1;
     r |= xd_hook(m, XD_HOOK_ACCOUNT_REMOVED, mam_account_removed, a, XD_PRIO_DEFAULT);
     r |= xd_hook(m, XD_HOOK_C2S_STANZA, mam_outgoing, a, XD_PRIO_LOW);
@@ -1458,6 +1932,10 @@ mam_unload(xd_module *m)
     }
     if (a && a->cache_timer)
         xd_timer_stop(a->cache_timer);
+    if (a && a->sweep_timer)
+        xd_timer_stop(a->sweep_timer);
+    if (a)
+        memo_clear(a);
     free(a);
 }
 

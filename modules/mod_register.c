@@ -324,39 +324,6 @@ own_request(xd_event *ev)
            !strcmp(ev->from->local, ev->to->local) && !strcmp(ev->from->domain, ev->to->domain);
 }
 
-typedef struct sess_list {
-    xd_session **v;
-    size_t n, cap;
-} sess_list;
-
-static int
-collect(xd_session *s, void *data)
-{
-    sess_list *l = data;
-    if (l->n == l->cap) {
-        size_t cap = l->cap ? l->cap * 2 : 8;
-        xd_session **v = realloc(l->v, cap * sizeof(*v));
-        if (!v)
-            return 1;
-        l->v = v;
-        l->cap = cap;
-    }
-    l->v[l->n++] = s;
-    return 0;
-}
-
-/* 3.2: the account is gone; so are its streams.  Collected first, since
- * closing a session changes the list being walked. */
-static void
-close_user_sessions(const xd_jid *bare)
-{
-    sess_list l = {0};
-    xd_user_sessions(bare, collect, &l);
-    for (size_t i = 0; i < l.n; i++)
-        xd_session_close(l.v[i], "not-authorized", "account removed");
-    free(l.v);
-}
-
 static int
 iq_account_set(xd_event *ev, void *data)
 {
@@ -382,7 +349,7 @@ iq_account_set(xd_event *ev, void *data)
         }
         xd_info("register: %s@%s cancelled its registration", bare.local, bare.domain);
         xd_session_send(ev->session, xd_iq_result(ev->stanza));
-        close_user_sessions(&bare);
+        xd_close_user_sessions(&bare, "not-authorized", "account removed"); /* 3.2 */
         return XD_HANDLED;
     }
     user_raw = child_text(q, "username");

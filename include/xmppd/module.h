@@ -305,6 +305,9 @@ int xd_session_send_held(xd_session *s, xd_module *m, xmpp_stanza_t *st);
 /* Call fn for every bound session of a local bare JID; stop when fn returns non-zero. */
 typedef int (*xd_session_iter_fn)(xd_session *s, void *data);
 int xd_user_sessions(const xd_jid *bare, xd_session_iter_fn fn, void *data);
+/* End every stream of the account with a stream error (e.g. "not-authorized",
+ * "account removed"). */
+void xd_close_user_sessions(const xd_jid *bare, const char *condition, const char *text);
 
 /* ---- routing ------------------------------------------------------------- */
 
@@ -389,6 +392,10 @@ int xd_account_check_password(const xd_jid *bare, const char *password);
 int xd_account_create(const xd_jid *bare, const char *password);
 int xd_account_set_password(const xd_jid *bare, const char *password);
 int xd_account_delete(const xd_jid *bare);
+/* How many accounts were ever deleted here (by anyone: in-band, xmppctl with
+ * or without a running server).  A module whose data a removal cannot reach
+ * by key prefix compares it with the count it last saw.  0 or -1. */
+int xd_account_removals(unsigned long long *n);
 
 /* ---- settings and module state -------------------------------------------- */
 

@@ -66,6 +66,25 @@ int xd_db_last(xd_db *db, xd_txn *txn, const void *prefix, size_t plen, void **k
                void **val, size_t *vlen);
 
 /*
+ * Heap tables: records in no key order, each named by the id the store gives
+ * it when it is added (never 0; the id of a deleted record may be given to a
+ * later one).  Cheaper to write than a B-tree record, for bodies that B-tree
+ * records point to.  Account removal does not purge them (they have no user
+ * keys): the module that writes them deletes them.  xd_db_* calls refuse a
+ * heap table and xd_heap_* calls a B-tree.
+ */
+xd_db *xd_heap_open(const char *name);
+int xd_heap_add(xd_db *h, xd_txn *txn, const void *val, size_t vlen, uint64_t *id);
+int xd_heap_get(xd_db *h, xd_txn *txn, uint64_t id, void **val, size_t *vlen);
+int xd_heap_del(xd_db *h, xd_txn *txn, uint64_t id);
+/* Visit up to max records after *pos (from the first when *pos == 0), each
+ * outside any transaction and cursor (fn may write), setting *pos to the one
+ * visited; call again with *pos to go on.  Returns 0 (more may follow),
+ * XD_NOTFOUND (the end was reached), fn's non-zero return, or -1. */
+typedef int (*xd_heap_visit_fn)(uint64_t id, const void *val, size_t vlen, void *data);
+int xd_heap_scan(xd_db *h, uint64_t *pos, size_t max, xd_heap_visit_fn fn, void *data);
+
+/*
  * Keys.  A user's records are keyed with the bare JID and a NUL first, so a
  * prefix scan finds them and account removal purges them.  Returns the
  * prefix length (with the NUL), 0 if it does not fit in buf.

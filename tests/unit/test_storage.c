@@ -770,6 +770,189 @@ static void test_group_commit_survives_kill(void **state)
     assert_value(db, NULL, "acked", "yes");
 }
 
+/* ---- heap tables ------------------------------------------------------------ */
+
+typedef struct heap_seen {
+    uint64_t ids[600];
+    int n;
+    int del_every; /* delete every nth record visited (from the callback) */
+    xd_db *h;
+} heap_seen;
+
+static int see(uint64_t id, const void *val, size_t vlen, void *data)
+{
+    heap_seen *s = data;
+    assert_true(vlen >= 4);
+    assert_memory_equal(val, "rec ", 4);
+    assert_true(s->n < 600);
+    s->ids[s->n++] = id;
+    if (s->del_every && s->n % s->del_every == 0)
+        assert_int_equal(xd_heap_del(s->h, NULL, id), 0);
+    return 0;
+}
+
+static void test_heap(void **state)
+{
+    xd_db *h = xd_heap_open("bodies"), *bt = xd_db_open("index");
+    uint64_t ids[500], pos = 0, dup;
+    char buf[64];
+    void *v;
+    size_t vl;
+    heap_seen s = {.h = h};
+    int r, rounds = 0;
+
+    (void)state;
+    assert_non_null(h);
+    assert_non_null(bt);
+    /* the kinds do not mix */
+    assert_null(xd_db_open("bodies"));
+    assert_null(xd_heap_open("index"));
+    assert_int_equal(xd_db_put(h, NULL, "k", 1, "v", 1), -1);
+    assert_int_equal(xd_heap_add(bt, NULL, "v", 1, &dup), -1);
+
+    for (int i = 0; i < 500; i++) {
+        int n = snprintf(buf, sizeof(buf), "rec %d %.*s", i, i % 40, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+        assert_int_equal(xd_heap_add(h, NULL, buf, (size_t)n, &ids[i]), 0);
+        assert_true(ids[i] != 0);
+        for (int j = 0; j < i; j++)
+            assert_true(ids[j] != ids[i]);
+    }
+    assert_int_equal(xd_heap_get(h, NULL, ids[123], &v, &vl), 0);
+    snprintf(buf, sizeof(buf), "rec %d", 123);
+    assert_memory_equal(v, buf, strlen(buf));
+    free(v);
+    assert_int_equal(xd_heap_del(h, NULL, ids[123]), 0);
+    assert_int_equal(xd_heap_get(h, NULL, ids[123], &v, &vl), XD_NOTFOUND);
+    assert_int_equal(xd_heap_del(h, NULL, ids[123]), XD_NOTFOUND);
+
+    /* scan in steps of 7, deleting every third record from the callback:
+     * every record is seen once, even when the one a step ended on is gone */
+    s.del_every = 3;
+    while ((r = xd_heap_scan(h, &pos, 7, see, &s)) == 0)
+        assert_true(++rounds < 200);
+    assert_int_equal(r, XD_NOTFOUND);
+    assert_int_equal(s.n, 499);
+    for (int i = 0; i < s.n; i++)
+        for (int j = 0; j < i; j++)
+            assert_true(s.ids[i] != s.ids[j]);
+    /* what is left: two of every three */
+    s = (heap_seen){.h = h};
+    pos = 0;
+    assert_int_equal(xd_heap_scan(h, &pos, 1000, see, &s), XD_NOTFOUND);
+    assert_int_equal(s.n, 499 - 499 / 3);
+    /* heap tables are not purged by user prefix (their module does that) */
+    {
+        xd_txn *txn;
+        assert_int_equal(xd_txn_begin(&txn), 0);
+        assert_int_equal(xd_store_purge_prefix(txn, "rec ", 4), 0);
+        assert_int_equal(xd_txn_commit(txn), 0);
+    }
+    s = (heap_seen){.h = h};
+    pos = 0;
+    assert_int_equal(xd_heap_scan(h, &pos, 1000, see, &s), XD_NOTFOUND);
+    assert_int_equal(s.n, 499 - 499 / 3);
+    /* an empty heap */
+    {
+        xd_db *e = xd_heap_open("empty");
+        s = (heap_seen){.h = e};
+        pos = 0;
+        assert_int_equal(xd_heap_scan(e, &pos, 10, see, &s), XD_NOTFOUND);
+        assert_int_equal(s.n, 0);
+    }
+}
+
+/* The count of removed accounts survives a restart. */
+static void test_account_removals(void **state)
+{
+    xd_jid a;
+    unsigned long long n;
+
+    assert_int_equal(xd_account_removals(&n), 0);
+    assert_int_equal(n, 0);
+    assert_int_equal(xd_jid_parse(&a, "gone@example.org"), 0);
+    assert_int_equal(xd_account_create(&a, "pw-gone-1"), 0);
+    assert_int_equal(xd_account_delete(&a), 0);
+    assert_int_equal(xd_account_delete(&a), XD_NOTFOUND);
+    assert_int_equal(xd_account_removals(&n), 0);
+    assert_int_equal(n, 1);
+    xd_store_close();
+    assert_int_equal(xd_store_open(*state), 0);
+    assert_int_equal(xd_account_removals(&n), 0);
+    assert_int_equal(n, 1);
+}
+
+/* A second process cannot open a data directory that one has open, and
+ * can once that one is gone (even without closing: killed). */
+static void test_one_process(void **state)
+{
+    int ready[2], done[2], status;
+    char c = 0;
+    pid_t pid;
+
+    xd_store_close();
+    assert_int_equal(pipe(ready), 0);
+    assert_int_equal(pipe(done), 0);
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        if (xd_store_open(*state) != 0 || write(ready[1], "r", 1) != 1)
+            _exit(1);
+        if (read(done[0], &c, 1) != 1)
+            _exit(2);
+        _exit(0); /* no close: the lock goes with the process */
+    }
+    assert_int_equal(read(ready[0], &c, 1), 1);
+    xd_store_quiet_busy(1);
+    assert_int_equal(xd_store_open(*state), XD_BUSY);
+    xd_store_quiet_busy(0);
+    assert_int_equal(write(done[1], "d", 1), 1);
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_int_equal(xd_store_open(*state), 0);
+    for (int i = 0; i < 2; i++) {
+        close(ready[i]);
+        close(done[i]);
+    }
+}
+
+/* Account removal of a big archive: one transaction over thousands of pages
+ * (and a heap of bodies) stays within the lock table. */
+static void test_purge_big(void **state)
+{
+    xd_db *db = xd_db_open("big"), *h = xd_heap_open("big_bodies");
+    char key[64], val[300];
+    xd_txn *txn;
+    uint64_t *ids = calloc(20000, sizeof(*ids));
+    void *v;
+    size_t vl;
+
+    (void)state;
+    assert_non_null(ids);
+    memset(val, 'v', sizeof(val));
+    for (int i = 0; i < 20000; i++) {
+        int n = snprintf(key, sizeof(key), "%s%c%08d", i % 2 ? "big@x" : "other@x", 0, i);
+        assert_int_equal(xd_db_put(db, NULL, key, (size_t)n, val, sizeof(val)), 0);
+        assert_int_equal(xd_heap_add(h, NULL, val, sizeof(val), &ids[i]), 0);
+    }
+    assert_int_equal(xd_txn_begin(&txn), 0);
+    assert_int_equal(xd_store_purge_prefix(txn, "big@x", 6), 0);
+    for (int i = 1; i < 20000; i += 2)
+        assert_int_equal(xd_heap_del(h, txn, ids[i]), 0);
+    assert_int_equal(xd_txn_commit(txn), 0);
+    {
+        int n = snprintf(key, sizeof(key), "big@x%c%08d", 0, 1);
+        assert_int_equal(xd_db_get(db, NULL, key, (size_t)n, &v, &vl), XD_NOTFOUND);
+        n = snprintf(key, sizeof(key), "other@x%c%08d", 0, 0);
+        assert_int_equal(xd_db_get(db, NULL, key, (size_t)n, &v, &vl), 0);
+        free(v);
+    }
+    assert_int_equal(xd_heap_get(h, NULL, ids[1], &v, &vl), XD_NOTFOUND);
+    assert_int_equal(xd_heap_get(h, NULL, ids[0], &v, &vl), 0);
+    free(v);
+    free(ids);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -792,6 +975,10 @@ int main(void)
         T(test_first_last),
         T(test_group_commit),
         T(test_group_commit_survives_kill),
+        T(test_heap),
+        T(test_account_removals),
+        T(test_one_process),
+        T(test_purge_big),
 #undef T
     };
 
