@@ -1309,7 +1309,7 @@ int xd_heap_get(xd_db *db, xd_txn *txn, uint64_t id, void **val, size_t *vlen)
     if (check_heap(db) != 0 || read_begin(db, txn, &t) != 0)
         return -1;
     rid_unpack(id, &rid);
-    set_dbt(&k, &rid, sizeof(rid));
+    set_dbt(&k, &rid, DB_HEAP_RID_SZ);
     memset(&v, 0, sizeof(v));
     v.flags = DB_DBT_MALLOC;
     ret = db->dbp->get(db->dbp, t, &k, &v, 0);
@@ -1326,7 +1326,7 @@ int xd_heap_del(xd_db *db, xd_txn *txn, uint64_t id)
     if (check_heap(db) != 0)
         return -1;
     rid_unpack(id, &rid);
-    set_dbt(&k, &rid, sizeof(rid));
+    set_dbt(&k, &rid, DB_HEAP_RID_SZ);
     ret = db->dbp->del(db->dbp, raw_txn(txn), &k, write_flags(txn));
     if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
         return XD_NOTFOUND;
@@ -1393,7 +1393,8 @@ int xd_heap_scan(xd_db *db, uint64_t *pos, size_t max, xd_heap_visit_fn fn, void
         }
         memset(&k, 0, sizeof(k));
         k.data = &rid;
-        k.size = k.ulen = sizeof(rid);
+        k.size = DB_HEAP_RID_SZ;
+        k.ulen = sizeof(rid);
         k.flags = DB_DBT_USERMEM;
         memset(&v, 0, sizeof(v));
         if (*pos == 0) {
@@ -1428,7 +1429,9 @@ int xd_heap_scan(xd_db *db, uint64_t *pos, size_t max, xd_heap_visit_fn fn, void
         }
         for (int i = 0; i < b->n && rc == 0; i++) {
             DB_HEAP_RID r;
-            memcpy(&r, b->r[i].key, sizeof(r));
+            /* BDB hands out the packed form (DB_HEAP_RID_SZ bytes) */
+            memset(&r, 0, sizeof(r));
+            memcpy(&r, b->r[i].key, b->r[i].klen < sizeof(r) ? b->r[i].klen : sizeof(r));
             *pos = rid_pack(&r);
             rc = fn(*pos, b->r[i].val, b->r[i].vlen, data);
         }
