@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <xmppd/log.h>
+
 #include "xmlstream.h"
 
 #define NS_STREAMS "http://etherx.jabber.org/streams"
@@ -53,6 +55,8 @@ struct xd_xmlstream {
     char *header;                     /* the header again, for a fresh parser */
     long long shift;                  /* parser index minus stream index */
     int replay;                       /* the parser is reading our copy of the header */
+    int at_start;                     /* nothing but white space fed since the restart */
+    size_t chunk_skip;                /* white space dropped before chunk */
 };
 
 /* Where the parser is, counted in bytes of the stream (not of our copy). */
@@ -413,6 +417,8 @@ xd_xmlstream_restart(xd_xmlstream *x)
     x->closed = 0;
     x->fed = x->chunk_base = x->mark = x->consumed = x->shift = 0;
     x->hist_len = x->next_hist_len = 0;
+    x->at_start = 1;
+    x->chunk_skip = 0;
     return parser_new(x);
 }
 
@@ -578,14 +584,17 @@ run(xd_xmlstream *x, enum XML_Status st, size_t *used)
         if (st == XML_STATUS_ERROR) {
             if (x->closed)
                 return XD_XS_CLOSED;
-            if (!x->err)
+            if (!x->err) {
                 x->err = classify_error(x);
+                xd_debug("xml: %s at byte %lld of the stream: %s", x->err, pos(x),
+                         XML_ErrorString(XML_GetErrorCode(x->p)));
+            }
             return XD_XS_ERROR;
         }
         if (st == XML_STATUS_SUSPENDED) {
             xmpp_stanza_t *el = x->ready;
             x->ready = NULL;
-            *used = (size_t)(x->consumed - x->chunk_base);
+            *used = (size_t)(x->consumed - x->chunk_base) + x->chunk_skip;
             if (el && x->cb->element(x->ud, el))
                 return XD_XS_STOPPED;
             st = XML_ResumeParser(x->p);
@@ -593,7 +602,7 @@ run(xd_xmlstream *x, enum XML_Status st, size_t *used)
         }
         /* All parsed.  Bound what expat keeps for a token that has not
          * ended yet (a giant start tag, say). */
-        *used = (size_t)(x->fed - x->chunk_base);
+        *used = (size_t)(x->fed - x->chunk_base) + x->chunk_skip;
         if (x->fed - x->mark > (long long)x->max) {
             x->err = "policy-violation";
             return XD_XS_ERROR;
@@ -612,6 +621,23 @@ xd_xmlstream_feed(xd_xmlstream *x, const char *data, size_t len, size_t *used)
     *used = 0;
     if (len > (size_t)1 << 30)
         return XD_XS_ERROR;
+    /* White space before a stream's header is between documents (the
+     * newline a client wrote after </auth>, before its new header): drop
+     * it, or an XML declaration after it would not be at the document's
+     * start.  Prosody and ejabberd accept it too. */
+    x->chunk_skip = 0;
+    if (x->at_start) {
+        while (x->chunk_skip < len && strchr(" \t\r\n", data[x->chunk_skip]) &&
+               data[x->chunk_skip])
+            x->chunk_skip++;
+        data += x->chunk_skip;
+        len -= x->chunk_skip;
+        if (!len) {
+            *used = x->chunk_skip;
+            return XD_XS_DONE;
+        }
+        x->at_start = 0;
+    }
     memcpy(x->hist, x->next_hist, x->next_hist_len);
     x->hist_len = x->next_hist_len;
     remember_tail(x, data, len);

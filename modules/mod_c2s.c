@@ -434,6 +434,23 @@ iq_empty_result(xd_event *ev, void *data)
     return XD_HANDLED;
 }
 
+/*
+ * A ping to the account's own bare JID, or without 'to' (RFC 6120 10.3.3:
+ * the server answers for the account), is a ping of the server: clients
+ * (profanity, xmpp.js) send it to watch their connection.  Anyone else
+ * pinging a bare JID learns nothing from us, as with any unhandled IQ.
+ */
+static int
+iq_account_ping(xd_event *ev, void *data)
+{
+    (void)data;
+    if (!ev->from || !ev->to || !xd_jid_equal(ev->from, ev->to, 0))
+        xd_bounce(ev->stanza, "cancel", "service-unavailable", NULL);
+    else
+        xd_route(xd_iq_result(ev->stanza));
+    return XD_HANDLED;
+}
+
 static int
 iq_disco_info(xd_event *ev, void *data)
 {
@@ -608,6 +625,7 @@ c2s_load(xd_module *m)
     r |= xd_iq_register(m, XD_IQ_HOST, "set", NS_SESSION, iq_empty_result, c);
     r |= xd_iq_register(m, XD_IQ_ACCOUNT, "set", NS_SESSION, iq_empty_result, c);
     r |= xd_iq_register(m, XD_IQ_HOST, "get", NS_PING, iq_empty_result, c);
+    r |= xd_iq_register(m, XD_IQ_ACCOUNT, "get", NS_PING, iq_account_ping, c);
     r |= xd_iq_register(m, XD_IQ_HOST, "get", NS_DISCO_INFO, iq_disco_info, c);
     r |= xd_iq_register(m, XD_IQ_HOST, "get", NS_DISCO_ITEMS, iq_disco_items, c);
     r |= xd_iq_register(m, XD_IQ_ACCOUNT, "get", NS_DISCO_INFO, iq_account_disco_info, c);

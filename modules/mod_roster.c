@@ -1158,6 +1158,11 @@ outbound_subscription(roster_mod *rm, xd_event *ev, const char *type)
 
     if (bare_str(ev->from, owner, sizeof(owner)) || bare_str(ev->to, peer, sizeof(peer)))
         return;
+    if (!strcmp(owner, peer)) {
+        /* one's own presence is known without asking: refused, nothing stored */
+        xd_bounce(ev->stanza, "modify", "bad-request", "a subscription to oneself");
+        return;
+    }
     if (ch_begin(rm, &c, owner, peer) != 0) {
         xd_bounce(ev->stanza, "wait", "internal-server-error", NULL);
         return;

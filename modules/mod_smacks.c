@@ -31,6 +31,10 @@
 #include <xmppd/module.h>
 
 #define NS_SM "urn:xmpp:sm:3"
+/* Ask for an ack after this many stanzas by default: many clients (profanity)
+ * ack only when asked, and a queue nobody asks about only grows until
+ * max_queue ends the stream. */
+#define REQUEST_EVERY 5
 #define NS_STANZAS "urn:ietf:params:xml:ns:xmpp-stanzas"
 #define NS_STREAMS_ERR "urn:ietf:params:xml:ns:xmpp-streams"
 
@@ -470,7 +474,7 @@ sm_load(xd_module *m)
         return -1;
     sm->m = m;
     sm->resume_timeout = xd_config_int(m, "resume_timeout", 300);
-    sm->request_every = xd_config_int(m, "request_every", 0);
+    sm->request_every = xd_config_int(m, "request_every", REQUEST_EVERY);
     sm->max_queue = xd_config_int(m, "max_queue", 1000);
     if (sm->resume_timeout < 0 || sm->resume_timeout > 86400) {
         xd_config_error(m, "resume_timeout", "must be 0 to 86400 seconds");

@@ -1,5 +1,7 @@
 """Messaging between two local users, IQ routing, ping, disco, priorities."""
 
+import re
+
 import pytest
 from slixmpp.exceptions import IqError, IqTimeout
 
@@ -72,6 +74,34 @@ def test_ping_server(server, clients):
         pytest.fail("ping to %s failed: %s" % (DOMAIN, getattr(e, "iq", e)))
     assert r["type"] == "result"
     assert str(r["from"]) in (DOMAIN, ""), "ping result from %s" % r["from"]
+
+
+def test_ping_own_account_answered_by_the_server(server, clients, raw):
+    """RFC 6120 10.3.3: a ping without 'to', or to one's own bare JID, is
+    answered by the server (profanity's and xmpp.js's keepalive); another
+    user's bare JID is not pinged on its owner's behalf."""
+    alice = clients(server, ALICE + "/home").must_login()
+    for to in (None, ALICE):
+        try:
+            r = alice.iq(to, "<ping xmlns='%s'/>" % PING_NS)
+        except (IqError, IqTimeout) as e:
+            pytest.fail("ping to %r failed: %s" % (to, getattr(e, "iq", e)))
+        assert r["type"] == "result", str(r)
+    bob = clients(server, BOB + "/desk").must_login()
+    with pytest.raises(IqError) as ei:
+        bob.iq(ALICE, "<ping xmlns='%s'/>" % PING_NS)
+    assert ei.value.iq["error"]["condition"] == "service-unavailable", str(ei.value.iq)
+
+    # the same on a hand-written stream, with the exact bytes
+    r = raw(ALICE, "raw")
+    r.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+    out = r.expect(re.compile(rb"<iq\b[^>]*\bid=['\"]p1['\"][^>]*(/>|>.*?</iq>)", re.S),
+                   what="ping result")
+    assert re.search(rb"type=['\"]result['\"]", out), out
+    r.send("<iq type='get' id='p2' to='alice@localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    out = r.expect(re.compile(rb"<iq\b[^>]*\bid=['\"]p2['\"][^>]*(/>|>.*?</iq>)", re.S),
+                   what="ping result")
+    assert re.search(rb"type=['\"]result['\"]", out), out
 
 
 def test_disco_info_of_server(server, clients):

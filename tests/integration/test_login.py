@@ -1,5 +1,6 @@
 """Client login: STARTTLS and direct TLS, each SASL mechanism, bad passwords, IPv6."""
 
+import re
 import time
 
 import pytest
@@ -112,3 +113,23 @@ def test_repeated_logins_all_succeed(server, mech):
         finally:
             r.close()
     assert not refused, "%s refused the right password in attempts %s of 25" % (mech, refused)
+
+
+@pytest.mark.parametrize("between", [b"\n", b"\r\n  \t", b""])
+def test_whitespace_after_auth_then_xml_declaration(server, between):
+    """go-sendxmpp's bytes: direct TLS, PLAIN with "</auth>\\n" in one write,
+    then after <success/> an XML declaration and the new header.  The white
+    space belongs between the two documents; the login goes through."""
+    import base64
+    r = RawStream(server, direct=True)
+    try:
+        r.open_stream()
+        token = base64.b64encode(b"\0alice\0" + USERS[ALICE].encode()).decode()
+        r.send(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+               + token.encode() + b"</auth>" + between)
+        r.expect(re.compile(rb"<success\b[^>]*(/>|>[^<]*</success>)"), what="<success/>")
+        feats = r.open_stream()      # "<?xml version='1.0'?><stream:stream ...>"
+        assert b"bind" in feats, feats
+        assert r.bind("sendxmpp").startswith(ALICE + "/")
+    finally:
+        r.close()

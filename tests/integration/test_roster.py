@@ -542,3 +542,26 @@ def test_state_survives_restart(xmppd_factory, connect):
     alice.presence(bob.full)  # the probe found bob's subscription
     bob.presence(alice.full)  # and bob is still a subscriber of alice
     alice.wait(is_sub("mallory@localhost", "subscribe"), "request stored before the restart")
+
+
+@pytest.mark.parametrize("to", [ALICE, None])
+def test_subscribe_to_oneself_refused(rserver, connect, clients, to):
+    """A subscription request to one's own bare JID (or without 'to') gets
+    bad-request, and leaves nothing behind: no roster item, no push."""
+    a = connect(rserver, ALICE, "a")
+    a.roster_get()
+    a.send("<presence type='subscribe'%s/>" % (" to='%s'" % to if to else ""))
+    err = a.wait(lambda s: local(s.tag) == "presence" and s.get("type") == "error",
+                 "presence error")
+    assert any(el.tag == "{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request"
+               for el in err.iter()), ET.tostring(err)
+    a.nothing(lambda s: local(s.tag) == "iq" and s.get("type") == "set", "a roster push")
+    assert ALICE not in a.roster()
+    # a second client library sees the same
+    c = clients(rserver, ALICE + "/slix").must_login()
+    c.drain_presences()
+    c.lt.call(lambda: c.xmpp.send_presence(pto=ALICE, ptype="subscribe"))
+    c.ping_server()
+    errs = [p for p in c.drain_presences() if p["type"] == "error"]
+    assert errs and errs[0]["error"]["condition"] == "bad-request", [str(p) for p in errs]
+    assert ALICE not in a.roster()

@@ -9,6 +9,7 @@ not resumed in time puts its unacknowledged messages into offline storage."""
 import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,6 +146,51 @@ def test_server_requests_acks(xmppd_factory):
             b.send("<message to='alice@localhost/a' type='chat'><body>r%d</body></message>" % i)
         got = a.expect(re.compile(rb"<r\s+xmlns=[\"']urn:xmpp:sm:3[\"']\s*/>"), what="<r/>")
         assert bodies(got) == ["r0", "r1"], got
+    finally:
+        a.close()
+        b.close()
+
+
+RE_TOKEN = re.compile(rb"<message\b|<r\s+xmlns=[\"']urn:xmpp:sm:3[\"']\s*/>")
+
+
+@pytest.mark.parametrize("extra", ["", "sample"])
+def test_client_that_only_answers_requests_is_kept(xmppd_factory, extra):
+    """A client that acks only when asked (profanity) is asked often enough
+    that its queue never reaches max_queue: with the module's defaults and
+    with the sample config's smacks settings."""
+    if extra == "sample":
+        cfg = (Path(__file__).resolve().parents[2] / "config" / "xmppd.cfg").read_text()
+        m = re.search(r"^smacks = \{.*?^\};", cfg, re.S | re.M)
+        extra = m.group(0).replace("max_queue = 1000", "max_queue = 40") + "\n"
+        assert "max_queue = 40" in extra, extra
+    else:
+        extra = "smacks = { max_queue = 40; };\n"
+    srv = xmppd_factory(modules=MODULES, extra=extra)
+    a = RawStream(srv)
+    b = RawStream(srv)
+    try:
+        a.login(ALICE, USERS[ALICE], "a")
+        enable(a, resume=False)
+        b.login(BOB, USERS[BOB], "b")
+        n, batch = 200, 10
+        seen, data, pos = 0, b"", 0
+        deadline = time.monotonic() + 30
+        for k in range(0, n, batch):   # a conversation, not one burst over max_queue
+            b.send("".join("<message to='alice@localhost/a' type='chat'><body>q%d</body>"
+                           "</message>" % i for i in range(k, k + batch)))
+            while len(bodies(data)) < k + batch:
+                assert time.monotonic() < deadline, "got %d of %d" % (len(bodies(data)), n)
+                data += a.expect(re.compile(rb"</message>|<r\b[^>]*/>"), what="messages")
+                for tok in RE_TOKEN.finditer(data, pos):
+                    if tok.group(0).startswith(b"<message"):
+                        seen += 1
+                    else:       # an <r/> asks about the stanzas before it
+                        a.send("<a xmlns='%s' h='%d'/>" % (NS_SM, seen))
+                    pos = tok.end()
+        assert bodies(data) == ["q%d" % i for i in range(n)]
+        assert b"stream:error" not in data, data[-500:]
+        sync(a, "after")        # the stream is still open
     finally:
         a.close()
         b.close()

@@ -581,6 +581,55 @@ static void expect_error(fx *f, const char *in, size_t len, const char *cond)
 
 #define EXPECT_ERROR(f, s, cond) expect_error(f, s, sizeof(s) - 1, cond)
 
+/* go-sendxmpp (and its Go library): "</auth>\n" in one write, then after
+ * <success/> an XML declaration and the new header.  The newline is white
+ * space between two documents, not the start of the second. */
+static void test_restart_whitespace_then_declaration(void **state)
+{
+    fx *f = *state;
+    const char *first = HDR AUTH "\n";
+    size_t used = 0;
+
+    f->r.stop_name = "auth";
+    assert_int_equal(xd_xmlstream_feed(f->x, first, strlen(first), &used), XD_XS_STOPPED);
+    assert_int_equal(used, strlen(HDR AUTH));
+    assert_int_equal(xd_xmlstream_restart(f->x), 0);
+    f->r.stop_name = NULL;
+    /* the rest of that read: the newline alone */
+    assert_int_equal(xd_xmlstream_feed(f->x, first + used, strlen(first) - used, &used),
+                     XD_XS_DONE);
+    assert_int_equal(used, 1);
+    assert_int_equal(feed_str(f->x, "<?xml version='1.0'?>" HDR2), XD_XS_DONE);
+    assert_int_equal(f->r.nopen, 2);
+    assert_int_equal(feed_str(f->x, BIND), XD_XS_DONE);
+    assert_int_equal(f->r.nel, 2);
+
+    /* white space and the declaration and header in one read, and more
+     * white space in the same read after the stop */
+    fresh(f);
+    f->r.stop_name = "auth";
+    {
+        const char *in = HDR AUTH " \r\n\t<?xml version='1.0'?>" HDR2 BIND;
+        size_t len = strlen(in), at;
+        assert_int_equal(xd_xmlstream_feed(f->x, in, len, &used), XD_XS_STOPPED);
+        assert_int_equal(xd_xmlstream_restart(f->x), 0);
+        f->r.stop_name = NULL;
+        assert_int_equal(xd_xmlstream_feed(f->x, in + used, len - used, &at), XD_XS_DONE);
+        assert_int_equal(at, len - used);
+    }
+    assert_int_equal(f->r.nopen, 2);
+    assert_int_equal(f->r.nel, 2);
+
+    /* only white space is dropped: anything else before the header is not */
+    fresh(f);
+    f->r.stop_name = "auth";
+    assert_int_equal(xd_xmlstream_feed(f->x, HDR AUTH, strlen(HDR AUTH), &used), XD_XS_STOPPED);
+    assert_int_equal(xd_xmlstream_restart(f->x), 0);
+    f->r.stop_name = NULL;
+    assert_int_equal(feed_str(f->x, "\nx<?xml version='1.0'?>" HDR2), XD_XS_ERROR);
+    assert_int_equal(f->r.nopen, 1);
+}
+
 static void test_restricted_xml(void **state)
 {
     fx *f = *state;
@@ -937,6 +986,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stop_resume, setup, teardown),
         cmocka_unit_test_setup_teardown(test_restart_same_chunk, setup, teardown),
         cmocka_unit_test_setup_teardown(test_restart_next_chunk, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_restart_whitespace_then_declaration, setup, teardown),
         cmocka_unit_test_setup_teardown(test_restricted_xml, setup, teardown),
         cmocka_unit_test_setup_teardown(test_doctype_after_header, setup, teardown),
         cmocka_unit_test_setup_teardown(test_not_well_formed, setup, teardown),
