@@ -31,7 +31,7 @@ Prosody's 128).
                `roster` step is skipped (a message to a bare JID with an
                available resource is delivered without one).
                register = { open = true; per_ip_per_hour = 0; }.
-  xmppd-full   config/xmppd.cfg as shipped, all 16 modules (mod_mam too) and
+  xmppd-full   config/xmppd.cfg as shipped, every module it lists (mod_mam too) and
                every other setting at its sample value, except what makes it
                run here (as scripts/dev-config.sh and
                tests/integration/test_sample_config.py do): data_dir,

@@ -57,6 +57,24 @@ xd_stanza_new(const char *name, const char *ns)
     return st;
 }
 
+int
+xd_stanza_add_text_child(xmpp_stanza_t *parent, const char *name, const char *text)
+{
+    xmpp_stanza_t *el = xd_stanza_new(name, NULL);
+    xmpp_stanza_t *t = xmpp_stanza_new(xd_srv.ctx);
+
+    if (!el || !t || xmpp_stanza_set_text(t, text) != XMPP_EOK) {
+        if (el)
+            xmpp_stanza_release(el);
+        if (t)
+            xmpp_stanza_release(t);
+        return -1;
+    }
+    xmpp_stanza_add_child_ex(el, t, 0);
+    xmpp_stanza_add_child_ex(parent, el, 0);
+    return 0;
+}
+
 /* A reply shell: same name and id, 'to' and 'from' swapped.  Built by hand
  * because xmpp_stanza_reply() copies every attribute and sets a NULL 'to'
  * when the original had no 'from'. */

@@ -353,6 +353,8 @@ xmpp_stanza_t *xd_error_reply(xmpp_stanza_t *st, const char *type, const char *c
 xmpp_stanza_t *xd_stanza_parse(const char *xml, size_t len);
 /* Create an empty element <name xmlns='ns'/>. */
 xmpp_stanza_t *xd_stanza_new(const char *name, const char *ns);
+/* Append <name>text</name> (in the parent's namespace) to parent.  0 or -1. */
+int xd_stanza_add_text_child(xmpp_stanza_t *parent, const char *name, const char *text);
 
 /* ---- rosters -------------------------------------------------------------- */
 
