@@ -903,15 +903,11 @@ int xd_db_put(xd_db *db, xd_txn *txn, const void *key, size_t klen, const void *
     return 0;
 }
 
-int xd_db_del(xd_db *db, xd_txn *txn, const void *key, size_t klen)
+/* Delete the record at key k: 0, XD_NOTFOUND, -1. */
+static int del_key(xd_db *db, xd_txn *txn, DBT *k)
 {
-    DBT k;
-    int ret;
+    int ret = db->dbp->del(db->dbp, raw_txn(txn), k, write_flags(txn));
 
-    if (check_args(db, key, klen) != 0)
-        return -1;
-    set_dbt(&k, key, klen);
-    ret = db->dbp->del(db->dbp, raw_txn(txn), &k, write_flags(txn));
     if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
         return XD_NOTFOUND;
     if (ret != 0)
@@ -919,6 +915,16 @@ int xd_db_del(xd_db *db, xd_txn *txn, const void *key, size_t klen)
     if (!txn)
         note_commit();
     return 0;
+}
+
+int xd_db_del(xd_db *db, xd_txn *txn, const void *key, size_t klen)
+{
+    DBT k;
+
+    if (check_args(db, key, klen) != 0)
+        return -1;
+    set_dbt(&k, key, klen);
+    return del_key(db, txn, &k);
 }
 
 /* ---- iteration ------------------------------------------------------------ */
@@ -1321,20 +1327,12 @@ int xd_heap_del(xd_db *db, xd_txn *txn, uint64_t id)
 {
     DB_HEAP_RID rid;
     DBT k;
-    int ret;
 
     if (check_heap(db) != 0)
         return -1;
     rid_unpack(id, &rid);
     set_dbt(&k, &rid, DB_HEAP_RID_SZ);
-    ret = db->dbp->del(db->dbp, raw_txn(txn), &k, write_flags(txn));
-    if (ret == DB_NOTFOUND || ret == DB_KEYEMPTY)
-        return XD_NOTFOUND;
-    if (ret != 0)
-        return report(db, "del", ret);
-    if (!txn)
-        note_commit();
-    return 0;
+    return del_key(db, txn, &k);
 }
 
 /* Slots of a page probed when the record a scan stopped at is gone. */
