@@ -123,8 +123,8 @@
 #define START_SHIFT 8       /* a new archive's first id: the clock in us, times 256 */
 #define START_GAP 65536ull  /* at least this far from the last archive started */
 #define SWEEP_KEY "\0sweep" /* in mam_prefs: the removals count at the last sweep */
-#define SWEEP_BATCH 2000      /* bodies per sweep step */
-#define SWEEP_EVERY 0.05      /* seconds between sweep steps */
+#define SWEEP_BATCH 500       /* bodies per sweep step: a few ms of the loop */
+#define SWEEP_EVERY 0.02      /* seconds between sweep steps */
 #define PREFS_VERSION 1
 #define SEQ_LEN 8
 #define ID_LEN 16
