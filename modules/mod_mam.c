@@ -364,23 +364,6 @@ parse_stamp(const char *s, long long *out)
 
 /* ---- stanza helpers ---------------------------------------------------------------- */
 
-static void
-add_text_child(xmpp_stanza_t *parent, const char *name, const char *text)
-{
-    xmpp_stanza_t *el = xd_stanza_new(name, NULL);
-    xmpp_stanza_t *t = xmpp_stanza_new(xd_ctx());
-    if (!el || !t) {
-        if (el)
-            xmpp_stanza_release(el);
-        if (t)
-            xmpp_stanza_release(t);
-        return;
-    }
-    xmpp_stanza_set_text(t, text);
-    xmpp_stanza_add_child_ex(el, t, 0);
-    xmpp_stanza_add_child_ex(parent, el, 0);
-}
-
 static xmpp_stanza_t *
 first_tag(xmpp_stanza_t *st)
 {
@@ -616,7 +599,7 @@ prefs_element(const prefs *p)
     xmpp_stanza_set_attribute(el, "default", def_name(p->def));
     for (size_t off = 0; off < p->len;) {
         const char *e = p->entries + off;
-        add_text_child(e[0] == 'A' ? always : never, "jid", e + 1);
+        xd_stanza_add_text_child(e[0] == 'A' ? always : never, "jid", e + 1);
         off += strlen(e) + 1;
     }
     xmpp_stanza_add_child_ex(el, always, 0);
@@ -1629,10 +1612,10 @@ query_run(mam *a, xd_event *ev, xmpp_stanza_t *query, const char *prefix, size_t
             xmpp_stanza_add_child_ex(fel, t, 0);
             xmpp_stanza_add_child_ex(rset, fel, 0);
             seq_to_id(s.items[(first + n - 1) % (size_t)s.max].seq, id);
-            add_text_child(rset, "last", id);
+            xd_stanza_add_text_child(rset, "last", id);
         }
         snprintf(num, sizeof(num), "%llu", s.total);
-        add_text_child(rset, "count", num);
+        xd_stanza_add_text_child(rset, "count", num);
         xd_debug("mam: %s: query sent %d of %zu item(s), %llu matching, complete=%d", prefix, sent,
                  n, s.total, complete);
     }
@@ -1656,7 +1639,7 @@ query_form(xd_event *ev)
     xmpp_stanza_set_type(x, "form");
     xmpp_stanza_set_type(ft, "hidden");
     xmpp_stanza_set_attribute(ft, "var", "FORM_TYPE");
-    add_text_child(ft, "value", NS_MAM);
+    xd_stanza_add_text_child(ft, "value", NS_MAM);
     xmpp_stanza_add_child_ex(x, ft, 0);
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
         xmpp_stanza_t *f = xd_stanza_new("field", NULL);

@@ -629,16 +629,6 @@ rsess_get(roster_mod *rm, xd_session *s, int create)
 
 /* ---- roster pushes (2.1.6) --------------------------------------------------- */
 
-static void
-add_text_child(xmpp_stanza_t *parent, const char *name, const char *text)
-{
-    xmpp_stanza_t *el = xd_stanza_new(name, NULL);
-    xmpp_stanza_t *t = xmpp_stanza_new(xd_ctx());
-    xmpp_stanza_set_text(t, text);
-    xmpp_stanza_add_child_ex(el, t, 0);
-    xmpp_stanza_add_child_ex(parent, el, 0);
-}
-
 static xmpp_stanza_t *
 item_element(const char *peer, const ritem *it)
 {
@@ -657,7 +647,7 @@ item_element(const char *peer, const ritem *it)
     if (it->flags & F_PREAPP)
         xmpp_stanza_set_attribute(el, "approved", "true");
     for (int i = 0; i < it->ngroups; i++)
-        add_text_child(el, "group", it->groups[i]);
+        xd_stanza_add_text_child(el, "group", it->groups[i]);
     return el;
 }
 
